@@ -1,0 +1,134 @@
+"""nn.Module front ends of the fused block.
+
+`FusedCBAMBase` holds the forward logic every fused module shares: read the
+weights, validate, resolve the BatchNorm mode, call the functional op. A
+subclass only says where its weights live (`fused_weights`) and which variant it
+is (`spec`). `CBAM` is the paper/official block with the official state-dict keys
+(`ChannelGate.mlp.1.weight`, `SpatialGate.spatial.conv.weight`, ...), so official
+checkpoints load into it unchanged.
+"""
+from typing import Optional
+
+from torch import nn
+
+from .function import cbam_unchecked
+from .spec import CBAMSpec, CBAMWeights
+from .validation import check_inputs
+
+
+def bn_weights(bn: Optional[nn.BatchNorm2d]) -> dict:
+    """The CBAMWeights fields of a BatchNorm2d (empty without one)."""
+    if bn is None:
+        return {}
+    return dict(bn_weight=bn.weight, bn_bias=bn.bias, bn_running_mean=bn.running_mean,
+                bn_running_var=bn.running_var, has_bn=True)
+
+
+def bn_mode(bn: Optional[nn.BatchNorm2d]):
+    """(use batch statistics?, momentum) as nn.BatchNorm2d.forward would resolve them."""
+    if bn is None:
+        return False, 0.0
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        if bn.momentum is None:  # cumulative moving average
+            momentum = 1.0 / float(bn.num_batches_tracked + 1)
+    return bn.training or bn.running_mean is None, momentum
+
+
+def bn_count_batch(bn: Optional[nn.BatchNorm2d]):
+    if bn is not None and bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+
+
+class FusedCBAMBase(nn.Module):
+    """Shared forward: validate, then one fused op. Subclasses set `spec` and `channels`,
+    and implement `fused_weights()` and `spatial_bn()`."""
+    spec: CBAMSpec
+    channels: int
+
+    def fused_weights(self) -> CBAMWeights:
+        raise NotImplementedError
+
+    def spatial_bn(self) -> Optional[nn.BatchNorm2d]:
+        raise NotImplementedError
+
+    def forward(self, x):
+        w = self.fused_weights()
+        bn = self.spatial_bn()
+        bn_training, momentum = bn_mode(bn)
+        check_inputs(x, self.spec, w, bn_training, self.channels)
+        bn_count_batch(bn)
+        return cbam_unchecked(x, self.spec, w, bn_training=bn_training, bn_momentum=momentum)
+
+
+class _ConvBN(nn.Module):
+    """conv (+ BatchNorm), the official BasicConv without activation."""
+
+    def __init__(self, in_maps, kernel_size, conv_bias, bn, bn_momentum, bn_eps):
+        super().__init__()
+        self.conv = nn.Conv2d(in_maps, 1, kernel_size, padding=kernel_size // 2, bias=conv_bias)
+        self.bn = nn.BatchNorm2d(1, eps=bn_eps, momentum=bn_momentum) if bn else None
+
+
+class ChannelGate(nn.Module):
+    def __init__(self, channels, hidden, bias, two_layers):
+        super().__init__()
+        layers = [nn.Flatten(), nn.Linear(channels, hidden if two_layers else channels, bias=bias)]
+        if two_layers:
+            layers += [nn.ReLU(), nn.Linear(hidden, channels, bias=bias)]
+        self.mlp = nn.Sequential(*layers)
+
+
+class SpatialGate(nn.Module):
+    def __init__(self, in_maps, kernel_size, conv_bias, bn, bn_momentum, bn_eps):
+        super().__init__()
+        self.spatial = _ConvBN(in_maps, kernel_size, conv_bias, bn, bn_momentum, bn_eps)
+
+
+class CBAM(FusedCBAMBase):
+    """Fused CBAM; by default the paper/official block (Jongchan/attention-module).
+
+    channels         C
+    reduction        hidden size floor(C / reduction), at least 1 (or hidden_channels)
+    kernel_size      spatial conv size k (padding k // 2)
+    channel_pool     "avg+max" (MLP(avg) + MLP(max)), "mean(avg,max)" (timm Light), "avg"
+    channel_mlp      True: Linear-ReLU-Linear; False: one Linear C -> C (ultralytics)
+    spatial_pool     "max,mean" (official order), "mean,max" (timm, ultralytics),
+                     "mean(mean,max)" (timm Light, one map), None (no spatial gate)
+    mlp_bias, conv_bias, spatial_bn, bn_momentum, bn_eps: as named (official: True,
+                     False, True, 0.01, 1e-5)
+    max_mode         "first" (torch.max: gradient to the first maximum) or "amax"
+                     (gradient split among ties, as timm)
+    """
+
+    def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7, *,
+                 hidden_channels: Optional[int] = None, channel_pool: str = "avg+max",
+                 channel_mlp: bool = True, spatial_pool: Optional[str] = "max,mean",
+                 mlp_bias: bool = True, conv_bias: bool = False, spatial_bn: bool = True,
+                 bn_momentum: Optional[float] = 0.01, bn_eps: float = 1e-5,
+                 max_mode: str = "first"):
+        super().__init__()
+        self.channels = channels
+        self.spec = CBAMSpec(channel_pool=channel_pool, spatial_pool=spatial_pool,
+                             kernel_size=kernel_size, max_mode=max_mode, bn_eps=bn_eps)
+        hidden = hidden_channels if hidden_channels is not None else max(1, channels // reduction)
+        self.ChannelGate = ChannelGate(channels, hidden, mlp_bias, channel_mlp)
+        if self.spec.has_spatial:
+            self.SpatialGate = SpatialGate(self.spec.spatial_maps, kernel_size, conv_bias,
+                                           spatial_bn, bn_momentum, bn_eps)
+
+    def fused_weights(self) -> CBAMWeights:
+        mlp = self.ChannelGate.mlp
+        fields = dict(fc1_weight=mlp[1].weight, fc1_bias=mlp[1].bias)
+        if len(mlp) > 2:
+            fields.update(fc2_weight=mlp[3].weight, fc2_bias=mlp[3].bias)
+        if self.spec.has_spatial:
+            sp = self.SpatialGate.spatial
+            fields.update(conv_weight=sp.conv.weight, conv_bias=sp.conv.bias, **bn_weights(sp.bn))
+        return CBAMWeights(**fields)
+
+    def spatial_bn(self):
+        return self.SpatialGate.spatial.bn if self.spec.has_spatial else None
+
+    def extra_repr(self):
+        return f"channels={self.channels}, spec={self.spec}"

@@ -1,0 +1,69 @@
+"""Input checks, run before any kernel launch and before any module state changes.
+
+Each error names the problem: what was expected and what was given.
+"""
+import torch
+
+from .spec import CBAMSpec, CBAMWeights
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _shape(t):
+    return tuple(t.shape)
+
+
+def check_inputs(x, spec: CBAMSpec, w: CBAMWeights, bn_training: bool, channels=None):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"CBAM expects a torch.Tensor input, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"CBAM expects a 4-D input (N, C, H, W), got a {x.dim()}-D tensor "
+                         f"of shape {_shape(x)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"CBAM supports float16, bfloat16, float32 and float64 inputs, "
+                        f"got {x.dtype}")
+    if x.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"CBAM runs on CUDA or CPU tensors, got device {x.device}")
+    N, C, H, W = x.shape
+    if channels is not None and C != channels:
+        raise ValueError(f"CBAM built for {channels} channels got an input with {C} channels "
+                         f"(shape {_shape(x)})")
+    for name, t in w.tensors():
+        if t.device != x.device:
+            raise ValueError(f"CBAM parameter {name} is on {t.device} but the input is on "
+                             f"{x.device}; move the module to the input's device")
+        if not t.is_floating_point():
+            raise TypeError(f"CBAM parameter {name} must be floating point, got {t.dtype}")
+    _check_weight_shapes(C, spec, w)
+    if bn_training and w.has_bn and N * H * W <= 1 and N > 0:
+        raise ValueError(f"CBAM spatial BatchNorm in training mode needs more than one value "
+                         f"per channel, got input of shape {_shape(x)} (N*H*W = {N * H * W}); "
+                         f"use eval mode or a larger batch")
+
+
+def _expect(name, t, shapes):
+    if t is not None and _shape(t) not in shapes:
+        want = " or ".join(str(s) for s in shapes)
+        raise ValueError(f"CBAM parameter {name} has shape {_shape(t)}, expected {want}")
+
+
+def _check_weight_shapes(C: int, spec: CBAMSpec, w: CBAMWeights):
+    if w.fc1_weight is None:
+        raise ValueError("CBAM needs the channel map's first weight (fc1_weight)")
+    lead = w.fc1_weight.shape[0] if w.fc1_weight.dim() > 0 else -1
+    if w.fc2_weight is None:  # one layer C -> C
+        _expect("fc1_weight", w.fc1_weight, [(C, C), (C, C, 1, 1)])
+    else:
+        _expect("fc1_weight", w.fc1_weight, [(lead, C), (lead, C, 1, 1)])
+        _expect("fc2_weight", w.fc2_weight, [(C, lead), (C, lead, 1, 1)])
+        _expect("fc2_bias", w.fc2_bias, [(C,)])
+    _expect("fc1_bias", w.fc1_bias, [(lead,)])
+    if not spec.has_spatial:
+        return
+    k = spec.kernel_size
+    if w.conv_weight is None:
+        raise ValueError("CBAM with a spatial gate needs the spatial conv weight (conv_weight)")
+    _expect("conv_weight", w.conv_weight, [(1, spec.spatial_maps, k, k)])
+    _expect("conv_bias", w.conv_bias, [(1,)])
+    for name in ("bn_weight", "bn_bias", "bn_running_mean", "bn_running_var"):
+        _expect(name, getattr(w, name), [(1,)])

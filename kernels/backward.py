@@ -1,0 +1,206 @@
+"""Backward passes B1, B2, B3 (DESIGN.md section 5): 5|x| of memory traffic.
+
+Notation, per sample: x[c, p], g = dL/dout, ca[c], sa[p], y = x * ca,
+out = y * sa. smean/smax are the spatial pools of y over c (argmax k[p]),
+avg/mx the channel pools of x over p (argmax j[c]).
+
+    B1  read g, x:  Gs[p]  = sum_c g*x*ca            (= dL/dsa)
+                    Gc1[c] = sum_p g*x*sa            (direct part of dL/dca)
+    B2  read x:     Gc2[c] = sum_p x*(dsmean[p]/C + dsmax[p]*e_k[c, p])
+    B3  read g, write dx:
+        dx = (g*sa + dsmean/C + dsmax*e_k)*ca + davg/P + dmx*e_j
+
+e_k / e_j are one-hot at the first argmax (torch.max semantics), or, with AMAX,
+1/count on every tied maximum (torch.amax semantics). B3 reads x only at
+positions whose max is tied; elsewhere the stored argmax decides.
+"""
+import triton
+import triton.language as tl
+
+from .plane import _plane_offsets
+
+
+@triton.jit
+def _bwd_gate_sums_kernel(
+    g_ptr,        # [N, C x P plane], input dtype
+    x_ptr,        # [N, C x P plane], input dtype
+    ca_ptr,       # [N, C] ACC_DTYPE
+    sa_ptr,       # [N, P] ACC_DTYPE (HAS_SA)
+    gs_part_ptr,  # [N, CS, P] ACC_DTYPE  partial sums of Gs over each channel split
+    gc_part_ptr,  # [N, PB, C] ACC_DTYPE  partial sums of Gc1 over each position block
+    C, P,
+    c_per_split,  # channels per split, a multiple of BLOCK_C
+    num_p_blocks, num_c_splits,
+    HAS_SA: tl.constexpr,
+    P_CONTIG: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """One program owns a block of positions and a range of channels:
+         gs_part[cs, p]  = sum_{c in split cs} g*x*ca[c]
+         gc_part[pb, c]  = sum_{p in block pb} g*x*sa[p]
+    The host sums the partial rows in a fixed order (no atomics).
+    """
+    pid = tl.program_id(0)
+    pb = pid % num_p_blocks
+    cs = (pid // num_p_blocks) % num_c_splits
+    n = pid // (num_p_blocks * num_c_splits)
+
+    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < P
+    base = n.to(tl.int64) * C * P
+    if HAS_SA:
+        sa = tl.load(sa_ptr + n.to(tl.int64) * P + offs_p, mask=mask_p, other=0.0)
+    gs = tl.zeros([BLOCK_P], ACC_DTYPE)
+    c_start = cs * c_per_split
+    c_end = tl.minimum(c_start + c_per_split, C)
+    for c0 in range(c_start, c_end, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < c_end
+        mask = mask_c[:, None] & mask_p[None, :]
+        plane = base + _plane_offsets(offs_c, offs_p, C, P, P_CONTIG)
+        g = tl.load(g_ptr + plane, mask=mask, other=0.0).to(ACC_DTYPE)
+        x = tl.load(x_ptr + plane, mask=mask, other=0.0).to(ACC_DTYPE)
+        ca = tl.load(ca_ptr + n.to(tl.int64) * C + offs_c, mask=mask_c, other=0.0)
+        gx = g * x
+        if HAS_SA:
+            gs += tl.sum(gx * ca[:, None], 0)
+            gc = tl.sum(gx * sa[None, :], 1)
+        else:
+            gc = tl.sum(gx, 1)
+        tl.store(gc_part_ptr + (n.to(tl.int64) * num_p_blocks + pb) * C + offs_c, gc, mask=mask_c)
+    if HAS_SA:
+        tl.store(gs_part_ptr + (n.to(tl.int64) * num_c_splits + cs) * P + offs_p, gs, mask=mask_p)
+
+
+@triton.jit
+def _bwd_spatial_pool_kernel(
+    x_ptr,        # [N, C x P plane], input dtype
+    ca_ptr,       # [N, C] ACC_DTYPE
+    dsmean_ptr,   # [N, P] ACC_DTYPE  dL/dsmean
+    dsmax_ptr,    # [N, P] ACC_DTYPE  dL/dsmax
+    smax_ptr,     # [N, P] ACC_DTYPE  spatial max of y (AMAX)
+    sidx_ptr,     # [N, P] int32      first channel reaching it
+    scnt_ptr,     # [N, P] int32      number of channels reaching it (AMAX)
+    gc2_ptr,      # [N, C] ACC_DTYPE  output
+    C, P, num_c_blocks,
+    AMAX: tl.constexpr,
+    P_CONTIG: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """Gc2[c] = sum_p x[c, p] * (dsmean[p] / C + dsmax[p] * e_k[c, p])
+
+    The part of dL/dca that flows through the spatial pools of y = x * ca.
+    """
+    pid = tl.program_id(0)
+    cb = pid % num_c_blocks
+    n = pid // num_c_blocks
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    base = n.to(tl.int64) * C * P
+    row = n.to(tl.int64) * P
+    if AMAX:
+        ca = tl.load(ca_ptr + n.to(tl.int64) * C + offs_c, mask=mask_c, other=0.0)
+    acc = tl.zeros([BLOCK_C, BLOCK_P], ACC_DTYPE)
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < P
+        mask = mask_c[:, None] & mask_p[None, :]
+        x = tl.load(x_ptr + base + _plane_offsets(offs_c, offs_p, C, P, P_CONTIG),
+                    mask=mask, other=0.0).to(ACC_DTYPE)
+        dsm = tl.load(dsmean_ptr + row + offs_p, mask=mask_p, other=0.0)
+        dsx = tl.load(dsmax_ptr + row + offs_p, mask=mask_p, other=0.0)
+        if AMAX:
+            smax = tl.load(smax_ptr + row + offs_p, mask=mask_p, other=0.0)
+            scnt = tl.load(scnt_ptr + row + offs_p, mask=mask_p, other=1).to(ACC_DTYPE)
+            hit = (x * ca[:, None]) == smax[None, :]
+            ek = tl.where(hit, 1.0 / scnt[None, :], 0.0)
+        else:
+            sidx = tl.load(sidx_ptr + row + offs_p, mask=mask_p, other=-1)
+            ek = tl.where(offs_c[:, None] == sidx[None, :], 1.0, 0.0)
+        acc += tl.where(mask, x * (dsm[None, :] / C + dsx[None, :] * ek), 0.0)
+    tl.store(gc2_ptr + n.to(tl.int64) * C + offs_c, tl.sum(acc, 1), mask=mask_c)
+
+
+@triton.jit
+def _bwd_input_kernel(
+    g_ptr,       # [N, C x P plane], input dtype
+    x_ptr,       # [N, C x P plane], input dtype (read only at tied maxima, AMAX)
+    ca_ptr,      # [N, C] ACC_DTYPE
+    sa_ptr,      # [N, P] ACC_DTYPE (HAS_SA)
+    dsmean_ptr,  # [N, P] ACC_DTYPE (HAS_SA)
+    dsmax_ptr,   # [N, P] ACC_DTYPE (HAS_SA)
+    smax_ptr,    # [N, P] ACC_DTYPE (HAS_SA and AMAX)
+    sidx_ptr,    # [N, P] int32     (HAS_SA)
+    scnt_ptr,    # [N, P] int32     (HAS_SA and AMAX)
+    davg_ptr,    # [N, C] ACC_DTYPE dL/davg
+    dmx_ptr,     # [N, C] ACC_DTYPE dL/dmx
+    mx_ptr,      # [N, C] ACC_DTYPE channel max of x (AMAX)
+    cidx_ptr,    # [N, C] int32     first position reaching it
+    ccnt_ptr,    # [N, C] int32     number of positions reaching it (AMAX)
+    dx_ptr,      # [N, C x P plane], input dtype, same layout as g
+    C, P, num_c_blocks, num_p_blocks,
+    HAS_SA: tl.constexpr,
+    AMAX: tl.constexpr,
+    P_CONTIG: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """dx = (g*sa + dsmean/C + dsmax*e_k) * ca + davg/P + dmx*e_j"""
+    pid = tl.program_id(0)
+    if P_CONTIG:
+        pb = pid % num_p_blocks
+        cb = (pid // num_p_blocks) % num_c_blocks
+    else:
+        cb = pid % num_c_blocks
+        pb = (pid // num_c_blocks) % num_p_blocks
+    n = pid // (num_c_blocks * num_p_blocks)
+
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_c = offs_c < C
+    mask_p = offs_p < P
+    mask = mask_c[:, None] & mask_p[None, :]
+    plane = n.to(tl.int64) * C * P + _plane_offsets(offs_c, offs_p, C, P, P_CONTIG)
+    crow = n.to(tl.int64) * C + offs_c
+    prow = n.to(tl.int64) * P + offs_p
+
+    g = tl.load(g_ptr + plane, mask=mask, other=0.0).to(ACC_DTYPE)
+    ca = tl.load(ca_ptr + crow, mask=mask_c, other=0.0)
+    davg = tl.load(davg_ptr + crow, mask=mask_c, other=0.0)
+    dmx = tl.load(dmx_ptr + crow, mask=mask_c, other=0.0)
+    cidx = tl.load(cidx_ptr + crow, mask=mask_c, other=-1)
+    if AMAX:
+        ccnt = tl.load(ccnt_ptr + crow, mask=mask_c, other=1)
+        need_x = ccnt[:, None] > 1
+        if HAS_SA:
+            scnt = tl.load(scnt_ptr + prow, mask=mask_p, other=1)
+            need_x = need_x | (scnt[None, :] > 1)
+        # Masked-off lanes issue no memory traffic: x is read only at ties.
+        x = tl.load(x_ptr + plane, mask=mask & need_x, other=0.0).to(ACC_DTYPE)
+
+    if HAS_SA:
+        sa = tl.load(sa_ptr + prow, mask=mask_p, other=0.0)
+        dsm = tl.load(dsmean_ptr + prow, mask=mask_p, other=0.0)
+        dsx = tl.load(dsmax_ptr + prow, mask=mask_p, other=0.0)
+        sidx = tl.load(sidx_ptr + prow, mask=mask_p, other=-1)
+        ek = tl.where(offs_c[:, None] == sidx[None, :], 1.0, 0.0)
+        if AMAX:
+            smax = tl.load(smax_ptr + prow, mask=mask_p, other=0.0)
+            tied = scnt[None, :] > 1
+            hit = (x * ca[:, None]) == smax[None, :]
+            ek = tl.where(tied, tl.where(hit, 1.0 / scnt.to(ACC_DTYPE)[None, :], 0.0), ek)
+        dy = g * sa[None, :] + (dsm / C)[None, :] + dsx[None, :] * ek
+    else:
+        dy = g
+    ej = tl.where(offs_p[None, :] == cidx[:, None], 1.0, 0.0)
+    if AMAX:
+        mx = tl.load(mx_ptr + crow, mask=mask_c, other=0.0)
+        tied_c = ccnt[:, None] > 1
+        ej = tl.where(tied_c, tl.where(x == mx[:, None], 1.0 / ccnt.to(ACC_DTYPE)[:, None], 0.0), ej)
+    dx = dy * ca[:, None] + (davg / P)[:, None] + dmx[:, None] * ej
+    tl.store(dx_ptr + plane, dx.to(dx_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,54 @@
+"""Helpers shared by every CBAM kernel: plane addressing and NaN-aware max.
+
+Every kernel sees one sample of the activation as a dense 2-D plane of R rows
+and K columns. Which of the two is contiguous in memory is a compile-time flag,
+so one kernel body serves NCHW and channels_last without a copy:
+
+    K_CONTIG = True :  element (r, k) lives at r * K + k
+    K_CONTIG = False:  element (r, k) lives at k * R + r
+
+For the channel view of NCHW (R = C, K = H*W) K is contiguous; for the same view
+of channels_last, R is. Offsets are int64 because one tensor may hold more than
+2**31 elements (64 x 256 x 384 x 384).
+"""
+import triton
+import triton.language as tl
+
+# Sentinel index for "no element seen yet"; larger than any valid row length.
+NO_INDEX = 2147483647
+
+
+@triton.jit
+def _plane_offsets(offs_r, offs_k, R, K, K_CONTIG: tl.constexpr):
+    """int64 offsets [BLOCK_R, BLOCK_K] of elements (offs_r, offs_k) in one plane."""
+    if K_CONTIG:
+        return offs_r[:, None].to(tl.int64) * K + offs_k[None, :]
+    else:
+        return offs_k[None, :].to(tl.int64) * R + offs_r[:, None]
+
+
+@triton.jit
+def _max_propagate_nan(a, b):
+    """Combine function for tl.reduce: max that returns NaN when either side is NaN.
+
+    tl.max reduces with maxnum and drops NaN; torch.max returns NaN.
+    """
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _finalize_max_stats(acc_sum, acc_max, acc_idx, acc_cnt, AXIS: tl.constexpr):
+    """Reduce per-lane running statistics along AXIS.
+
+    acc_max holds each lane's running max, acc_idx the first index where it was
+    reached, acc_cnt how many times. The result is the max over lanes (NaN if any
+    lane holds NaN), the smallest index that reaches it (first-index semantics,
+    the first NaN when NaN wins) and the total tie count over lanes.
+    """
+    total = tl.sum(acc_sum, AXIS)
+    m = tl.reduce(acc_max, AXIS, _max_propagate_nan)
+    mb = tl.expand_dims(m, AXIS)
+    is_max = (acc_max == mb) | ((acc_max != acc_max) & (mb != mb))
+    idx = tl.min(tl.where(is_max, acc_idx, 2147483647), AXIS)
+    cnt = tl.sum(tl.where(is_max, acc_cnt, 0), AXIS)
+    return total, m, idx, cnt

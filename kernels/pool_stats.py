@@ -1,0 +1,114 @@
+"""Forward passes F1 and F2: sum, max, first argmax and tie count along one axis.
+
+F1 (channel statistics) reduces x over the H*W positions of each channel:
+plane R = C, K = H*W. F2 (spatial statistics) reduces y = x * ca over the
+channels of each position: plane R = H*W, K = C, with ca as a per-column scale.
+Both are the same computation, so one kernel serves both.
+
+A long K can be split over several programs (S splits); each writes a partial
+row and `_combine_stats_kernel` merges the S partials in a fixed order, so the
+result is deterministic with no atomics.
+"""
+import triton
+import triton.language as tl
+
+from .plane import _finalize_max_stats, _plane_offsets
+
+
+@triton.jit
+def _pool_stats_kernel(
+    x_ptr,      # [N, R x K plane], input dtype, layout given by K_CONTIG
+    scale_ptr,  # [N, K] ACC_DTYPE, multiplies column k (HAS_SCALE); else unused
+    sum_ptr,    # [N, S, R] ACC_DTYPE   sum over the split's columns
+    max_ptr,    # [N, S, R] ACC_DTYPE   max (NaN-propagating)
+    idx_ptr,    # [N, S, R] int32       first column reaching the max
+    cnt_ptr,    # [N, S, R] int32       number of columns equal to the max
+    R, K,
+    k_per_split,   # columns per split, a multiple of BLOCK_K
+    num_r_blocks, num_splits,
+    HAS_SCALE: tl.constexpr,
+    K_CONTIG: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """v[r, k] = x[r, k] * scale[k];   for each row r over k in the split:
+         sum = sum_k v,  max = max_k v,  idx = min{k : v == max},  cnt = #{k : v == max}
+
+    Each lane keeps its own running (sum, max, idx, cnt) across the loop; lanes
+    are merged once at the end. Columns are visited in increasing order per lane,
+    so the first index is the first update; ties keep the smaller index.
+    """
+    pid = tl.program_id(0)
+    rb = pid % num_r_blocks
+    s = (pid // num_r_blocks) % num_splits
+    n = pid // (num_r_blocks * num_splits)
+
+    offs_r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    x_base = x_ptr + n.to(tl.int64) * R * K
+    k_start = s * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+
+    acc_sum = tl.zeros([BLOCK_R, BLOCK_K], ACC_DTYPE)
+    acc_max = tl.full([BLOCK_R, BLOCK_K], float("-inf"), ACC_DTYPE)
+    acc_idx = tl.full([BLOCK_R, BLOCK_K], 2147483647, tl.int32)
+    acc_cnt = tl.zeros([BLOCK_R, BLOCK_K], tl.int32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_end
+        mask = mask_r[:, None] & mask_k[None, :]
+        v = tl.load(x_base + _plane_offsets(offs_r, offs_k, R, K, K_CONTIG), mask=mask, other=0.0)
+        v = v.to(ACC_DTYPE)
+        if HAS_SCALE:
+            sc = tl.load(scale_ptr + n.to(tl.int64) * K + offs_k, mask=mask_k, other=0.0)
+            v = v * sc[None, :]
+        acc_sum += v  # masked lanes hold 0
+        bigger = mask & ((v > acc_max) | ((v != v) & (acc_max == acc_max)))
+        tie = mask & (v == acc_max)
+        k2d = offs_k[None, :] + tl.zeros([BLOCK_R, BLOCK_K], tl.int32)
+        acc_idx = tl.where(bigger, k2d, tl.where(tie, tl.minimum(acc_idx, k2d), acc_idx))
+        acc_cnt = tl.where(bigger, 1, acc_cnt + tie.to(tl.int32))
+        acc_max = tl.where(bigger, v, acc_max)
+
+    total, m, idx, cnt = _finalize_max_stats(acc_sum, acc_max, acc_idx, acc_cnt, 1)
+    out = (n.to(tl.int64) * num_splits + s) * R + offs_r
+    tl.store(sum_ptr + out, total, mask=mask_r)
+    tl.store(max_ptr + out, m, mask=mask_r)
+    tl.store(idx_ptr + out, idx, mask=mask_r)
+    tl.store(cnt_ptr + out, cnt, mask=mask_r)
+
+
+@triton.jit
+def _combine_stats_kernel(
+    psum_ptr, pmax_ptr,   # [N, S, R] ACC_DTYPE partials from _pool_stats_kernel
+    pidx_ptr, pcnt_ptr,   # [N, S, R] int32
+    sum_ptr, max_ptr,     # [N, R] ACC_DTYPE
+    idx_ptr, cnt_ptr,     # [N, R] int32
+    R, S, num_r_blocks,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # >= S: all partials of a row in one tile
+):
+    """Merge S partial statistics per row in a fixed order (deterministic):
+         sum = sum_s psum,  max = max_s pmax,  idx = min{pidx_s : pmax_s == max},
+         cnt = sum{pcnt_s : pmax_s == max}
+    """
+    pid = tl.program_id(0)
+    rb = pid % num_r_blocks
+    n = pid // num_r_blocks
+    offs_r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_s = tl.arange(0, BLOCK_S)
+    mask_r = offs_r < R
+    mask = mask_r[:, None] & (offs_s[None, :] < S)
+    offs = (n.to(tl.int64) * S + offs_s[None, :]) * R + offs_r[:, None]
+    psum = tl.load(psum_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+    pmax = tl.load(pmax_ptr + offs, mask=mask, other=float("-inf")).to(ACC_DTYPE)
+    pidx = tl.load(pidx_ptr + offs, mask=mask, other=2147483647)
+    pcnt = tl.load(pcnt_ptr + offs, mask=mask, other=0)
+    total, m, idx, cnt = _finalize_max_stats(psum, pmax, pidx, pcnt, 1)
+    out = n.to(tl.int64) * R + offs_r
+    tl.store(sum_ptr + out, total, mask=mask_r)
+    tl.store(max_ptr + out, m, mask=mask_r)
+    tl.store(idx_ptr + out, idx, mask=mask_r)
+    tl.store(cnt_ptr + out, cnt, mask=mask_r)
