@@ -15,17 +15,19 @@ from .kernels.backward import _bwd_gate_sums_kernel, _bwd_input_kernel, _bwd_spa
 from .kernels.gate_apply import _gate_apply_kernel
 from .kernels.pool_stats import _combine_stats_kernel, _pool_stats_kernel
 
-# Tile: ELEMENTS elements, CONTIG_BLOCKS[i] of them along the contiguous dimension.
+# Tile: TILE_ELEMENTS elements (half for fp64, whose doubled registers spill otherwise),
+# CONTIG_BLOCKS[i] of them along the contiguous dimension.
 TILE_ELEMENTS = 1024
 CONTIG_BLOCKS = (32, 128)
 NUM_WARPS = 4
 MAX_SPLITS = 64  # partial rows merged by one _combine_stats_kernel tile
 
 
-def tile_config(contig_extent: int):
+def tile_config(contig_extent: int, dtype: torch.dtype):
     """(contiguous block, other block) for a plane whose contiguous dimension has this extent."""
     contig = CONTIG_BLOCKS[0] if contig_extent <= CONTIG_BLOCKS[0] else CONTIG_BLOCKS[-1]
-    return contig, TILE_ELEMENTS // contig
+    elements = TILE_ELEMENTS // 2 if dtype == torch.float64 else TILE_ELEMENTS
+    return contig, elements // contig
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -79,7 +81,7 @@ def pool_stats(x, R: int, K: int, k_contig: bool, scale=None, splits=None):
     N = x.shape[0]
     dt = acc_dtype(x.dtype)
     (scale,) = _rows(scale)
-    contig, other = tile_config(K if k_contig else R)
+    contig, other = tile_config(K if k_contig else R, x.dtype)
     block_k, block_r = (contig, other) if k_contig else (other, contig)
     num_r_blocks = triton.cdiv(R, block_r)
     k_blocks = triton.cdiv(K, block_k)
@@ -131,8 +133,8 @@ def _rows(*ts):
     return [None if t is None else t.contiguous() for t in ts]
 
 
-def _cp_blocks(C: int, P: int, p_contig: bool):
-    contig, other = tile_config(P if p_contig else C)
+def _cp_blocks(C: int, P: int, p_contig: bool, dtype):
+    contig, other = tile_config(P if p_contig else C, dtype)
     return (other, contig) if p_contig else (contig, other)  # (BLOCK_C, BLOCK_P)
 
 
@@ -142,7 +144,7 @@ def gate_apply(x, ca, sa, p_contig: bool):
     P = H * W
     out = torch.empty_like(x)
     ca, sa = _rows(ca, sa)
-    block_c, block_p = _cp_blocks(C, P, p_contig)
+    block_c, block_p = _cp_blocks(C, P, p_contig, x.dtype)
     ncb, npb = triton.cdiv(C, block_c), triton.cdiv(P, block_p)
     _gate_apply_kernel[(N * ncb * npb,)](
         x, ca, sa if sa is not None else ca, out, C, P, ncb, npb,
@@ -157,7 +159,7 @@ def bwd_gate_sums(g, x, ca, sa, p_contig: bool, splits=None):
     P = H * W
     dt = acc_dtype(x.dtype)
     ca, sa = _rows(ca, sa)
-    block_c, block_p = _cp_blocks(C, P, p_contig)
+    block_c, block_p = _cp_blocks(C, P, p_contig, x.dtype)
     npb = triton.cdiv(P, block_p)
     c_blocks = triton.cdiv(C, block_c)
     if splits is None:
@@ -182,7 +184,7 @@ def bwd_spatial_pool(x, ca, dsmean, dsmax, smax, sidx, scnt, p_contig: bool, ama
     N, C, H, W = x.shape
     P = H * W
     ca, dsmean, dsmax, smax, sidx, scnt = _rows(ca, dsmean, dsmax, smax, sidx, scnt)
-    block_c, block_p = _cp_blocks(C, P, p_contig)
+    block_c, block_p = _cp_blocks(C, P, p_contig, x.dtype)
     ncb = triton.cdiv(C, block_c)
     gc2 = torch.empty(N, C, device=x.device, dtype=acc_dtype(x.dtype))
     _bwd_spatial_pool_kernel[(N * ncb,)](
@@ -203,7 +205,7 @@ def bwd_input(g, x, ca, sa, dsmean, dsmax, smax, sidx, scnt, davg, dmx, mx, cidx
     dx = torch.empty_like(g)
     ca, sa, dsmean, dsmax, smax, sidx, scnt, davg, dmx, mx, cidx, ccnt = _rows(
         ca, sa, dsmean, dsmax, smax, sidx, scnt, davg, dmx, mx, cidx, ccnt)
-    block_c, block_p = _cp_blocks(C, P, p_contig)
+    block_c, block_p = _cp_blocks(C, P, p_contig, x.dtype)
     ncb, npb = triton.cdiv(C, block_c), triton.cdiv(P, block_p)
     has_sa = sa is not None
     sp = (sa, dsmean, dsmax, smax, sidx, scnt) if has_sa else (ca, ca, ca, ca, cidx, ccnt)

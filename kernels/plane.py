@@ -28,12 +28,16 @@ def _plane_offsets(offs_r, offs_k, R, K, K_CONTIG: tl.constexpr):
 
 
 @triton.jit
-def _max_propagate_nan(a, b):
-    """Combine function for tl.reduce: max that returns NaN when either side is NaN.
+def _max_propagate_nan(v, AXIS: tl.constexpr):
+    """Max along AXIS that is NaN when any element is NaN, as torch.max is.
 
-    tl.max reduces with maxnum and drops NaN; torch.max returns NaN.
+    tl.max reduces with maxnum and drops NaN; a NaN flag restores it. (A tl.reduce
+    with a NaN-propagating combine function does the same but runs element by element
+    in the interpreter.)
     """
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+    m = tl.max(v, AXIS)
+    has_nan = tl.max((v != v).to(tl.int32), AXIS) > 0
+    return tl.where(has_nan, float("nan"), m)
 
 
 @triton.jit
@@ -46,7 +50,7 @@ def _finalize_max_stats(acc_sum, acc_max, acc_idx, acc_cnt, AXIS: tl.constexpr):
     the first NaN when NaN wins) and the total tie count over lanes.
     """
     total = tl.sum(acc_sum, AXIS)
-    m = tl.reduce(acc_max, AXIS, _max_propagate_nan)
+    m = _max_propagate_nan(acc_max, AXIS)
     mb = tl.expand_dims(m, AXIS)
     is_max = (acc_max == mb) | ((acc_max != acc_max) & (mb != mb))
     idx = tl.min(tl.where(is_max, acc_idx, 2147483647), AXIS)

@@ -1,0 +1,232 @@
+"""Ahead-of-time builds of every kernel configuration the launchers can pick, with no GPU.
+
+`triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))` turns each
+kernel into PTX and a cubin for sm_80 / sm_90 on a CPU-only machine; `ptxas -v`
+then reports registers, spills and shared memory. This catches what the
+interpreter cannot: unsupported operations, layout errors, register spills, and
+whether the contiguous dimension is read and written 16 bytes at a time.
+
+Builds use the specialization a real launch of a typical shape gets: 16-byte
+aligned pointers and plane sizes divisible by 16 (Triton specializes integer
+arguments on divisibility by 16 at launch).
+"""
+import dataclasses
+import functools
+import re
+import subprocess
+import tempfile
+
+import torch
+import triton
+import triton.language as tl
+
+from . import launchers as L
+from .kernels.backward import _bwd_gate_sums_kernel, _bwd_input_kernel, _bwd_spatial_pool_kernel
+from .kernels.gate_apply import _gate_apply_kernel
+from .kernels.pool_stats import _combine_stats_kernel, _pool_stats_kernel
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+ARCHS = (80, 90)
+_TL_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
+            torch.float64: "fp64"}
+# Arguments specialized as divisible by 16 (pointers are aligned, plane sizes typical).
+_DIVISIBLE_INTS = {"R", "K", "C", "P", "k_per_split", "c_per_split"}
+
+# H100 SM limits, for the theoretical occupancy column.
+SM_REGS, SM_MAX_WARPS, SM_MAX_BLOCKS, SM_SMEM = 65536, 64, 32, 228 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Build:
+    """One kernel configuration: kernel, the I/O dtype, constexprs, warps."""
+    kernel: object
+    dtype: torch.dtype
+    constexprs: tuple  # sorted (name, value) pairs
+
+    @property
+    def name(self):
+        flags = ",".join(f"{k}={_short(v)}" for k, v in self.constexprs if k != "ACC_DTYPE")
+        return f"{self.kernel.fn.__name__}[{_TL_NAME[self.dtype]}|{flags}]"
+
+
+def _short(v):
+    return str(v).replace("triton.language.", "")
+
+
+def _pointer_types(kernel, dtype):
+    """Triton pointer type for each pointer argument: I/O tensors in dtype, the rest by name."""
+    acc = "fp64" if dtype == torch.float64 else "fp32"
+    io = _TL_NAME[dtype]
+    types = {}
+    for name in kernel.arg_names:
+        if not name.endswith("_ptr"):
+            continue
+        if name in ("x_ptr", "g_ptr", "out_ptr", "dx_ptr"):
+            types[name] = "*" + io
+        elif "idx" in name or "cnt" in name:
+            types[name] = "*i32"
+        else:
+            types[name] = "*" + acc
+    return types
+
+
+def _tile_variants(dtype):
+    """(contiguous-first flag, contiguous block, other block) for every tile the launchers pick."""
+    for contig in L.CONTIG_BLOCKS:
+        c_blk, o_blk = L.tile_config(contig, dtype)
+        for flag in (True, False):
+            yield flag, c_blk, o_blk
+
+
+def launch_configs(dtypes=DTYPES):
+    """Every (kernel, dtype, constexprs) the launchers in launchers.py can launch."""
+    builds = []
+
+    def add(kernel, dtype, **cx):
+        cx["ACC_DTYPE"] = tl.float64 if dtype == torch.float64 else tl.float32
+        builds.append(Build(kernel, dtype, tuple(sorted(cx.items()))))
+
+    for dtype in dtypes:
+        for k_contig, contig, other in _tile_variants(dtype):
+            block_k, block_r = (contig, other) if k_contig else (other, contig)
+            for has_scale in (False, True):
+                add(_pool_stats_kernel, dtype, HAS_SCALE=has_scale, K_CONTIG=k_contig,
+                    BLOCK_R=block_r, BLOCK_K=block_k)
+        for p_contig, contig, other in _tile_variants(dtype):
+            block_c, block_p = (other, contig) if p_contig else (contig, other)
+            blk = dict(P_CONTIG=p_contig, BLOCK_C=block_c, BLOCK_P=block_p)
+            for has_sa in (False, True):
+                add(_gate_apply_kernel, dtype, HAS_SA=has_sa, **blk)
+                add(_bwd_gate_sums_kernel, dtype, HAS_SA=has_sa, **blk)
+                for amax in (False, True):
+                    add(_bwd_input_kernel, dtype, HAS_SA=has_sa, AMAX=amax, **blk)
+            for amax in (False, True):
+                add(_bwd_spatial_pool_kernel, dtype, AMAX=amax, **blk)
+    for dtype in sorted({torch.float32 if d != torch.float64 else d for d in dtypes}, key=str):
+        s = 2
+        while s <= L.MAX_SPLITS:
+            add(_combine_stats_kernel, dtype, BLOCK_R=max(1, L.TILE_ELEMENTS // s), BLOCK_S=s)
+            s *= 2
+    return builds
+
+
+def compile_build(build: Build, arch: int):
+    """Compile one configuration for sm_<arch>; returns triton's CompiledKernel."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = build.kernel
+    cx = dict(build.constexprs)
+    ptrs = _pointer_types(kernel, build.dtype)
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in cx:
+            signature[name] = "constexpr"
+        elif name in ptrs:
+            signature[name] = ptrs[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "i32"
+            if name in _DIVISIBLE_INTS:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=kernel, signature=signature, constexprs=cx, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": L.NUM_WARPS})
+
+
+@functools.lru_cache(maxsize=None)
+def _ptxas_path(arch):
+    from triton.backends.nvidia.compiler import get_ptxas
+    return get_ptxas(arch).path
+
+
+def ptxas_report(ptx: str, arch: int):
+    """(registers, spill store bytes, spill load bytes) from `ptxas -v`."""
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        res = subprocess.run([_ptxas_path(arch), "-v", f"--gpu-name={gpu}", f.name, "-o", "/dev/null"],
+                             capture_output=True, text=True, check=True)
+    log = res.stderr + res.stdout
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    spill_st = int(re.search(r"(\d+) bytes spill stores", log).group(1))
+    spill_ld = int(re.search(r"(\d+) bytes spill loads", log).group(1))
+    return regs, spill_st, spill_ld
+
+
+def occupancy(regs: int, smem: int, num_warps: int = L.NUM_WARPS) -> float:
+    """Theoretical occupancy on an H100 SM (fraction of 64 warps), from registers and smem."""
+    regs_per_warp = -(-regs * 32 // 256) * 256  # allocation granularity: 256 per warp
+    by_regs = SM_REGS // (regs_per_warp * num_warps)
+    by_smem = SM_SMEM // smem if smem else SM_MAX_BLOCKS
+    blocks = min(by_regs, by_smem, SM_MAX_BLOCKS, SM_MAX_WARPS // num_warps)
+    return blocks * num_warps / SM_MAX_WARPS
+
+
+def build_report(build: Build, arch: int) -> dict:
+    """Compile and summarize: registers, spills, shared memory, occupancy, vector accesses."""
+    k = compile_build(build, arch)
+    ptx = k.asm["ptx"]
+    regs, spill_st, spill_ld = ptxas_report(ptx, arch)
+    return dict(name=build.name, arch=arch, regs=regs, spill_stores=spill_st,
+                spill_loads=spill_ld, smem=k.metadata.shared,
+                occupancy=occupancy(regs, k.metadata.shared),
+                v4_loads=len(re.findall(r"ld\.global(\.\w+)*\.v4", ptx)),
+                v4_stores=len(re.findall(r"st\.global(\.\w+)*\.v4", ptx)),
+                scalar_loads=len(re.findall(r"ld\.global(\.\w+)*\.(b|u|f)(8|16|32|64)\s", ptx)))
+
+
+def _report_one(args):
+    index, arch, dtypes = args  # kernels do not pickle: rebuild the list in the worker
+    build = launch_configs(dtypes)[index]
+    try:
+        return build_report(build, arch)
+    except Exception as e:  # a compile error is a result to report, not a crash
+        return dict(name=build.name, arch=arch, error=f"{type(e).__name__}: {e}")
+
+
+def report_all(archs=ARCHS, dtypes=DTYPES, workers=None):
+    """build_report for every launch configuration and arch, in parallel processes."""
+    import multiprocessing as mp
+    import os
+
+    jobs = [(i, a, dtypes) for a in archs for i in range(len(launch_configs(dtypes)))]
+    workers = workers or os.cpu_count() or 1
+    if workers == 1:
+        return [_report_one(j) for j in jobs]
+    with mp.get_context("spawn").Pool(workers) as pool:
+        return pool.map(_report_one, jobs, chunksize=4)
+
+
+def main(argv=None):
+    import argparse
+    import json
+    import os
+
+    p = argparse.ArgumentParser(description="Compile every cbam_fused kernel configuration "
+                                "ahead of time (no GPU needed) and report registers and spills.")
+    p.add_argument("--arch", type=int, action="append", help="80, 90 (default both)")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--json", help="write the reports to this file")
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("unset TRITON_INTERPRET: ahead-of-time builds need the real compiler")
+    reports = report_all(tuple(args.arch or ARCHS), workers=args.workers)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(reports, f, indent=1)
+    for r in reports:
+        if "error" in r:
+            print(f"sm_{r['arch']} {r['name']}: ERROR {r['error'][:300]}")
+        else:
+            print(f"sm_{r['arch']} {r['name']}: {r['regs']} regs, spills {r['spill_stores']}/"
+                  f"{r['spill_loads']} B, smem {r['smem']} B, occupancy {r['occupancy']:.2f}, "
+                  f"v4 ld/st {r['v4_loads']}/{r['v4_stores']}")
+    bad = [r for r in reports if "error" in r or r["spill_stores"] or r["spill_loads"]]
+    print(f"{len(reports)} builds, {len(bad)} with errors or spills")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
