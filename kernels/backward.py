@@ -102,6 +102,7 @@ def _bwd_spatial_pool_kernel(
     mask_c = offs_c < C
     base = n.to(tl.int64) * C * P
     row = n.to(tl.int64) * P
+    inv_c = 1.0 / C.to(ACC_DTYPE)
     if AMAX:
         ca = tl.load(ca_ptr + n.to(tl.int64) * C + offs_c, mask=mask_c, other=0.0)
     acc = tl.zeros([BLOCK_C, BLOCK_P], ACC_DTYPE)
@@ -121,7 +122,7 @@ def _bwd_spatial_pool_kernel(
         else:
             sidx = tl.load(sidx_ptr + row + offs_p, mask=mask_p, other=-1)
             ek = tl.where(offs_c[:, None] == sidx[None, :], 1.0, 0.0)
-        acc += tl.where(mask, x * (dsm[None, :] / C + dsx[None, :] * ek), 0.0)
+        acc += tl.where(mask, x * (dsm[None, :] * inv_c + dsx[None, :] * ek), 0.0)
     tl.store(gc2_ptr + n.to(tl.int64) * C + offs_c, tl.sum(acc, 1), mask=mask_c)
 
 
@@ -152,6 +153,8 @@ def _bwd_input_kernel(
 ):
     """dx = (g*sa + dsmean/C + dsmax*e_k) * ca + davg/P + dmx*e_j"""
     pid = tl.program_id(0)
+    inv_c = 1.0 / C.to(ACC_DTYPE)  # one division per program, not per element
+    inv_p = 1.0 / P.to(ACC_DTYPE)
     if P_CONTIG:
         pb = pid % num_p_blocks
         cb = (pid // num_p_blocks) % num_c_blocks
@@ -194,7 +197,7 @@ def _bwd_input_kernel(
             tied = scnt[None, :] > 1
             hit = (x * ca[:, None]) == smax[None, :]
             ek = tl.where(tied, tl.where(hit, 1.0 / scnt.to(ACC_DTYPE)[None, :], 0.0), ek)
-        dy = g * sa[None, :] + (dsm / C)[None, :] + dsx[None, :] * ek
+        dy = g * sa[None, :] + (dsm * inv_c)[None, :] + dsx[None, :] * ek
     else:
         dy = g
     ej = tl.where(offs_p[None, :] == cidx[:, None], 1.0, 0.0)
@@ -202,5 +205,5 @@ def _bwd_input_kernel(
         mx = tl.load(mx_ptr + crow, mask=mask_c, other=0.0)
         tied_c = ccnt[:, None] > 1
         ej = tl.where(tied_c, tl.where(x == mx[:, None], 1.0 / ccnt.to(ACC_DTYPE)[:, None], 0.0), ej)
-    dx = dy * ca[:, None] + (davg / P)[:, None] + dmx[:, None] * ej
+    dx = dy * ca[:, None] + (davg * inv_p)[:, None] + dmx[:, None] * ej
     tl.store(dx_ptr + plane, dx.to(dx_ptr.dtype.element_ty), mask=mask)

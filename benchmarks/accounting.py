@@ -1,0 +1,114 @@
+"""What needs no GPU: launches, bytes moved per pass, bytes saved for backward, and the
+ahead-of-time sm_90 build report, side by side for cbam_fused and eager PyTorch."""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+from cbam_fused import CBAM, cbam_reference
+from cbam_fused.accounting import TrafficCounter, count_torch_ops
+
+from report import print_table
+
+
+def _saved_bytes(fn, exclude):
+    ptrs = {t.data_ptr() for t in exclude}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = fn()
+    return out, sum(t.numel() * t.element_size() for t in saved if t.data_ptr() not in ptrs)
+
+
+def measure(shape=(2, 64, 28, 28), dtype=torch.bfloat16, variant=None):
+    """Fused vs eager for one shape: launches, traffic per pass (in |x|), saved bytes."""
+    m = CBAM(shape[1], **(variant or {})).train()
+    x = torch.randn(shape).to(dtype).requires_grad_()
+    xbytes = x.numel() * x.element_size()
+    params = list(m.parameters()) + list(m.buffers())
+    g = torch.randn(shape).to(dtype)
+
+    res = {}
+    with TrafficCounter() as fwd, count_torch_ops(fwd) as fwd_ops:
+        out, fused_saved = _saved_bytes(lambda: m(x), params)
+    with TrafficCounter() as bwd, count_torch_ops(bwd) as bwd_ops:
+        out.backward(g)
+    res["fused"] = dict(fwd=fwd, bwd=bwd, fwd_ops=fwd_ops, bwd_ops=bwd_ops, saved=fused_saved)
+
+    w = m.fused_weights()
+    xe = x.detach().clone().requires_grad_()
+    with count_torch_ops() as efwd_ops:
+        out_e, eager_saved = _saved_bytes(
+            lambda: cbam_reference(xe, m.spec, w, bn_training=True, bn_momentum=0.01), params)
+    with count_torch_ops() as ebwd_ops:
+        out_e.backward(g)
+    res["eager"] = dict(fwd_ops=efwd_ops, bwd_ops=ebwd_ops, saved=eager_saved)
+    res["xbytes"] = xbytes
+    return res
+
+
+def traffic_rows(counter, xbytes, direction):
+    rows = []
+    for name, t in counter.by_kernel.items():
+        rows.append(dict(direction=direction, kernel=name, launches=t.launches,
+                         big_read=t.big_read / xbytes, big_written=t.big_written / xbytes,
+                         small_kib=(t.small_read + t.small_written) / 1024))
+    tot = counter.totals()
+    rows.append(dict(direction=direction, kernel="TOTAL", launches=tot.launches,
+                     big_read=tot.big_read / xbytes, big_written=tot.big_written / xbytes,
+                     small_kib=(tot.small_read + tot.small_written) / 1024))
+    return rows
+
+
+def aot_summary(arch=90):
+    """Per kernel: worst registers, spills, shared memory, occupancy, 16-byte accesses."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "aot.json")
+        subprocess.run([sys.executable, "-m", "cbam_fused.aot", "--arch", str(arch), "--json", path],
+                       env=env, capture_output=True, text=True)
+        if not os.path.exists(path):
+            return []
+        reports = json.load(open(path))
+    rows = {}
+    for r in reports:
+        if "error" in r:
+            rows[r["name"]] = dict(kernel=r["name"], error=r["error"][:80])
+            continue
+        key = r["name"].split("[")[0]
+        dt = r["name"].split("[")[1].split("|")[0]
+        row = rows.setdefault((key, dt), dict(kernel=key, dtype=dt, builds=0, max_regs=0, spills=0,
+                                              max_smem=0, min_occupancy=1.0, all_16B_loads=True))
+        row["builds"] += 1
+        row["max_regs"] = max(row["max_regs"], r["regs"])
+        row["spills"] += r["spill_stores"] + r["spill_loads"]
+        row["max_smem"] = max(row["max_smem"], r["smem"])
+        row["min_occupancy"] = min(row["min_occupancy"], r["occupancy"])
+        row["all_16B_loads"] &= r["v4_loads"] > 0 or dt == "fp64"
+    return list(rows.values())
+
+
+def accounting_report(shape=(2, 64, 28, 28), dtype=torch.bfloat16):
+    res = measure(shape, dtype)
+    xb = res["xbytes"]
+    f, e = res["fused"], res["eager"]
+    print(f"== accounting without a GPU (Triton interpreter), official CBAM, {dtype}, shape {shape}")
+    print(f"   |x| = {xb} bytes; big = x, g, out, dx; small = gates, pooled stats, partial rows")
+    print_table(traffic_rows(f["fwd"], xb, "forward") + traffic_rows(f["bwd"], xb, "backward"),
+                ["direction", "kernel", "launches", "big_read", "big_written", "small_kib"])
+    rows = []
+    for name, d in (("cbam_fused", f), ("eager", e)):
+        tri_f = d["fwd"].totals().launches if "fwd" in d else 0
+        tri_b = d["bwd"].totals().launches if "bwd" in d else 0
+        rows.append(dict(impl=name, fwd_triton=tri_f, fwd_torch_ops=sum(d["fwd_ops"].values()),
+                         bwd_triton=tri_b, bwd_torch_ops=sum(d["bwd_ops"].values()),
+                         saved_for_backward=d["saved"] / xb))
+    print("   launches per forward / backward (Triton kernels + other device ops), "
+          "saved for backward in |x|")
+    print_table(rows, ["impl", "fwd_triton", "fwd_torch_ops", "bwd_triton", "bwd_torch_ops",
+                       "saved_for_backward"])
+    print("== ahead-of-time sm_90 builds of every launch configuration (ptxas -v)")
+    print_table(aot_summary(90), ["kernel", "dtype", "builds", "max_regs", "spills", "max_smem",
+                                  "min_occupancy", "all_16B_loads"])

@@ -1,0 +1,116 @@
+"""The host launchers called directly: every statistic and backward sum against torch,
+including the split-reduction paths a GPU launch takes (partials + fixed-order merge)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cbam_fused.launchers as L
+
+from helpers import assert_close
+
+
+def _first_argmax(t, dim):
+    """Index of the first maximum along dim (torch.max semantics), NaN winning."""
+    return t.max(dim).indices
+
+
+@pytest.mark.parametrize("splits", [1, 3, 64])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_channel_and_spatial_stats(splits, layout, device):
+    N, C, H, W = 2, 40, 9, 17
+    x = torch.randn(N, C, H, W, device=device)
+    x[0, 3, 2, :5] = 7.0     # a tied channel max (5 positions)
+    x[1, :, 4, 4] = 9.0      # a tied spatial max (every channel of one position)
+    p_contig = layout == "nchw"
+    if not p_contig:
+        x = x.to(memory_format=torch.channels_last)
+    xf = x.double().cpu().reshape(N, C, H * W)
+
+    s, m, i, c = L.channel_stats(x, p_contig, splits=splits)
+    assert_close(s, xf.sum(2), torch.float32, H * W, "channel sum")
+    assert torch.equal(m.cpu().double(), xf.amax(2))
+    assert torch.equal(i.cpu().long(), _first_argmax(xf, 2))
+    assert torch.equal(c.cpu().long(), (xf == xf.amax(2, keepdim=True)).sum(2))
+    assert int(c[0, 3]) == 5
+
+    ca = torch.rand(N, C, device=device) + 0.5
+    ca[1] = 1.0  # keep the spatial tie exact after scaling
+    y = xf * ca.double().cpu()[:, :, None]
+    s, m, i, c = L.spatial_stats(x, ca, p_contig, splits=splits)
+    assert_close(s, y.sum(1), torch.float32, C, "spatial sum")
+    yf = (x.float().cpu().reshape(N, C, H * W) * ca.cpu()[:, :, None]).double()  # fp32 products
+    assert torch.equal(m.cpu().double(), yf.amax(1))
+    assert torch.equal(i.cpu().long(), _first_argmax(yf, 1))
+    assert torch.equal(c.cpu().long(), (yf == yf.amax(1, keepdim=True)).sum(1))
+    assert int(c[1, 4 * W + 4]) == C
+
+
+def test_stats_nan_propagates(device):
+    x = torch.randn(1, 4, 3, 5, device=device)
+    x[0, 1, 1, 2] = float("nan")
+    x[0, 1, 2, 0] = float("nan")
+    s, m, i, c = L.channel_stats(x, True)
+    assert torch.isnan(m[0, 1]) and torch.isnan(s[0, 1])
+    assert int(i[0, 1]) == 1 * 5 + 2  # the first NaN, as torch.max
+    assert not torch.isnan(m[0, [0, 2, 3]]).any()
+
+
+@pytest.mark.parametrize("splits", [1, 2, 5])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("has_sa", [True, False])
+def test_bwd_gate_sums(splits, layout, has_sa, device):
+    N, C, H, W = 2, 70, 6, 11
+    p_contig = layout == "nchw"
+    x = torch.randn(N, C, H, W, device=device)
+    g = torch.randn(N, C, H, W, device=device)
+    if not p_contig:
+        x, g = (t.to(memory_format=torch.channels_last) for t in (x, g))
+    ca = torch.rand(N, C, device=device)
+    sa = torch.rand(N, H * W, device=device) if has_sa else None
+    gs, gc = L.bwd_gate_sums(g, x, ca, sa, p_contig, splits=splits)
+    gx = (g.double() * x.double()).cpu().reshape(N, C, H * W)
+    sa_ref = sa.double().cpu()[:, None, :] if has_sa else 1.0
+    assert_close(gc, (gx * sa_ref).sum(2), torch.float32, H * W, "Gc1")
+    if has_sa:
+        assert_close(gs, (gx * ca.double().cpu()[:, :, None]).sum(1), torch.float32, C, "Gs")
+    else:
+        assert gs is None
+
+
+@pytest.mark.parametrize("amax", [False, True])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_bwd_spatial_pool_and_input(amax, layout, device):
+    N, C, H, W = 2, 19, 5, 7
+    P = H * W
+    p_contig = layout == "nchw"
+    x = torch.randn(N, C, H, W, device=device)
+    x[:, :, 0, 0] = 1.5          # tied spatial max at p = 0 (ca = 1 below)
+    x[:, 2, 1, :] = 3.0          # tied channel max in channel 2
+    g = torch.randn_like(x)
+    if not p_contig:
+        x, g = (t.to(memory_format=torch.channels_last) for t in (x, g))
+    ca = torch.ones(N, C, device=device)
+    sa = torch.rand(N, P, device=device)
+    dsmean, dsmax = torch.randn(N, P, device=device), torch.randn(N, P, device=device)
+    davg, dmx = torch.randn(N, C, device=device), torch.randn(N, C, device=device)
+    _, cmax, cidx, ccnt = L.channel_stats(x, p_contig)
+    _, smax, sidx, scnt = L.spatial_stats(x, ca, p_contig)
+
+    # torch: e_k / e_j as the gradient of max / amax
+    xr = x.double().cpu().reshape(N, C, P).requires_grad_()
+    y = xr * ca.double().cpu()[:, :, None]
+    sm = y.amax(1) if amax else y.max(1).values
+    cm = xr.amax(2) if amax else xr.max(2).values
+    loss = ((y.mean(1) * dsmean.double().cpu()).sum() + (sm * dsmax.double().cpu()).sum()
+            + (xr.mean(2) * davg.double().cpu()).sum() + (cm * dmx.double().cpu()).sum()
+            + (y * sa.double().cpu()[:, None, :] * g.double().cpu().reshape(N, C, P)).sum())
+    (ek_dsmax,) = torch.autograd.grad((sm * dsmax.double().cpu()).sum(), [y], retain_graph=True)
+    (ref_dx,) = torch.autograd.grad(loss, xr)
+    gc2_ref = (xr.detach() * (dsmean.double().cpu()[:, None, :] / C + ek_dsmax)).sum(2)
+
+    gc2 = L.bwd_spatial_pool(x, ca, dsmean, dsmax, smax, sidx, scnt, p_contig, amax)
+    assert_close(gc2, gc2_ref, torch.float32, P, "Gc2")
+    dx = L.bwd_input(g, x, ca, sa, dsmean, dsmax, smax, sidx, scnt, davg, dmx, cmax, cidx, ccnt,
+                     p_contig, amax)
+    assert dx.is_contiguous(memory_format=torch.contiguous_format if p_contig else torch.channels_last)
+    assert_close(dx.reshape(N, C, P), ref_dx, torch.float32, C, "dx")
