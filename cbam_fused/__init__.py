@@ -5,6 +5,7 @@ cbam          functional entry point (function.py)
 CBAMSpec      which variant: pools, pool order, max semantics (spec.py)
 CBAMWeights   the small maps' tensors (spec.py)
 cbam_reference  the plain PyTorch oracle (reference.py)
+convert       swap the CBAM blocks of timm / ultralytics / official models for fused ones (convert.py)
 """
 from .function import CBAMFunction, cbam, uses_kernels
 from .modules import CBAM, FusedCBAMBase
@@ -13,3 +14,6 @@ from .spec import CBAMSpec, CBAMWeights
 
 __all__ = ["CBAM", "CBAMFunction", "CBAMSpec", "CBAMWeights", "FusedCBAMBase", "cbam",
            "cbam_reference", "uses_kernels"]
+from .convert import ConversionReport, convert, unconvert  # noqa: E402
+
+__all__ += ["ConversionReport", "convert", "unconvert"]

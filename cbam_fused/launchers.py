@@ -40,11 +40,17 @@ def _tl_acc(dtype: torch.dtype):
 
 
 def dense_layout(x: torch.Tensor):
-    """(x, p_contig): x itself when dense NCHW or channels_last, else one contiguous copy."""
-    if x.is_contiguous():
-        return x, True
-    if x.is_contiguous(memory_format=torch.channels_last):
-        return x, False
+    """(x, p_contig): x itself when dense NCHW or channels_last, else one contiguous copy.
+
+    When both hold (H*W == 1 or C == 1, say) the longer contiguous run wins: a 2048x1x1
+    map is read along its channels, not one element per row.
+    """
+    nchw = x.is_contiguous()
+    nhwc = x.is_contiguous(memory_format=torch.channels_last)
+    if nchw and nhwc:
+        return x, x.shape[2] * x.shape[3] >= x.shape[1]
+    if nchw or nhwc:
+        return x, nchw
     return x.contiguous(), True
 
 

@@ -1,4 +1,4 @@
-"""Helpers shared by every CBAM kernel: plane addressing and NaN-aware max.
+"""Helpers shared by every CBAM kernel: plane addressing and NaN-aware max statistics.
 
 Every kernel sees one sample of the activation as a dense 2-D plane of R rows
 and K columns. Which of the two is contiguous in memory is a compile-time flag,
@@ -28,19 +28,6 @@ def _plane_offsets(offs_r, offs_k, R, K, K_CONTIG: tl.constexpr):
 
 
 @triton.jit
-def _max_propagate_nan(v, AXIS: tl.constexpr):
-    """Max along AXIS that is NaN when any element is NaN, as torch.max is.
-
-    tl.max reduces with maxnum and drops NaN; a NaN flag restores it. (A tl.reduce
-    with a NaN-propagating combine function does the same but runs element by element
-    in the interpreter.)
-    """
-    m = tl.max(v, AXIS)
-    has_nan = tl.max((v != v).to(tl.int32), AXIS) > 0
-    return tl.where(has_nan, float("nan"), m)
-
-
-@triton.jit
 def _finalize_max_stats(acc_sum, acc_max, acc_idx, acc_cnt, AXIS: tl.constexpr):
     """Reduce per-lane running statistics along AXIS.
 
@@ -48,9 +35,14 @@ def _finalize_max_stats(acc_sum, acc_max, acc_idx, acc_cnt, AXIS: tl.constexpr):
     reached, acc_cnt how many times. The result is the max over lanes (NaN if any
     lane holds NaN), the smallest index that reaches it (first-index semantics,
     the first NaN when NaN wins) and the total tie count over lanes.
+
+    tl.max reduces with maxnum and drops NaN, unlike torch.max; a NaN flag restores it.
+    (A tl.reduce with a NaN-propagating combine function does the same, but runs element
+    by element in the interpreter.)
     """
     total = tl.sum(acc_sum, AXIS)
-    m = _max_propagate_nan(acc_max, AXIS)
+    has_nan = tl.max((acc_max != acc_max).to(tl.int32), AXIS) > 0
+    m = tl.where(has_nan, float("nan"), tl.max(acc_max, AXIS))
     mb = tl.expand_dims(m, AXIS)
     is_max = (acc_max == mb) | ((acc_max != acc_max) & (mb != mb))
     idx = tl.min(tl.where(is_max, acc_idx, 2147483647), AXIS)
