@@ -43,7 +43,10 @@ def main(argv=None):
         speed_report(device, out_dir=args.out, quick=args.quick)
     else:
         from accounting import accounting_report
+        from host_overhead import overhead_rows
         accounting_report()
+        print("== host time per op call of the torch.library registration (meta tensors), us")
+        print_table(overhead_rows(), ["call", "us/call", "over direct"])
     return 0
 
 

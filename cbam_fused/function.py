@@ -2,16 +2,22 @@
 
 Forward (DESIGN.md section 4): F1 channel stats, phi, F2 spatial stats of x*ca,
 psi, F3 out = x*ca*sa: three passes over x, 4|x| of traffic.
-Backward (section 5): B1, B2, B3, 5|x| of traffic; phi and psi are differentiated
-by autograd on their small graphs, recomputed from the saved pooled statistics.
+Backward (section 5): B1, B2, B3, 5|x| of traffic; phi and psi have hand-written
+backwards (maps.py) on their small saved intermediates.
 Saved for backward: x, plus O(N*C + N*H*W) statistics (never y = x*ca).
+
+Everything here is traceable by torch.compile (fullgraph): the big passes are the
+registered ops of ops.py, the rest are aten ops, there is no host synchronization and
+no allocation whose size depends on data, so CUDA graphs can capture it too.
 """
 import os
 
 import torch
 
 from . import launchers as L
-from .maps import channel_logits, spatial_logits
+from .maps import (channel_backward, channel_forward, spatial_backward, spatial_forward,
+                   update_running_stats)
+from .ops import passes
 from .reference import cbam_reference
 from .spec import NUM_TENSOR_FIELDS, CBAMSpec, CBAMWeights
 from .validation import check_inputs
@@ -27,93 +33,101 @@ def uses_kernels(x: torch.Tensor) -> bool:
     return x.is_cuda or (x.device.type == "cpu" and triton_interpreter_active())
 
 
-def _detached(t, *, grad: bool):
-    if t is None:
+def autocast_dtype(x: torch.Tensor):
+    """The dtype autocast asks for on x's device, or None when autocast is off there."""
+    kind = x.device.type
+    if not torch.is_autocast_enabled(kind):
         return None
-    return t.detach().requires_grad_(grad and t.requires_grad)
+    return torch.get_autocast_dtype(kind)
+
+
+def fused_forward(x, spec: CBAMSpec, w: CBAMWeights, bn_batch_stats: bool):
+    """The forward passes. Returns (out, saved, batch): saved holds what the backward
+    needs (x plus O(N*C + N*H*W) statistics), batch the spatial BatchNorm's batch
+    (mean, var) for the running-statistic update, or None."""
+    ops = passes()
+    N, C, H, W = x.shape
+    P = H * W
+    xd, p_contig = L.dense_layout(x)
+    csum, cmax, cidx, ccnt = ops.channel_stats(xd, p_contig)
+    avg = csum / P
+    logits, h = channel_forward(spec, avg, cmax, w)
+    ca = torch.sigmoid(logits)
+    sa = smean = smax = sidx = scnt = batch = None
+    sp_saved = (None,) * 3
+    if spec.has_spatial:
+        ssum, smax, sidx, scnt = ops.spatial_stats(xd, ca, p_contig)
+        smean = ssum / C
+        u, sp_saved, batch = spatial_forward(spec, smean.view(N, 1, H, W),
+                                             smax.view(N, 1, H, W), w,
+                                             bn_batch_stats=bn_batch_stats)
+        sa = torch.sigmoid(u).view(N, P)
+    out = ops.gate_apply(xd, ca, sa, p_contig)
+    saved = (xd, ca, sa, avg, cmax, cidx, ccnt, h, smean, smax, sidx, scnt, *sp_saved)
+    return out, (saved, p_contig), batch
+
+
+def fused_backward(g, spec: CBAMSpec, w: CBAMWeights, saved, p_contig: bool,
+                   bn_batch_stats: bool, want, need_dx: bool):
+    """The backward passes: (dx or None, {weight field: gradient})."""
+    ops = passes()
+    (xd, ca, sa, avg, cmax, cidx, ccnt, h, smean, smax, sidx, scnt, *sp_saved) = saved
+    N, C, H, W = xd.shape
+    g = L.as_layout(g, p_contig)
+    gs, gc = ops.bwd_gate_sums(g, xd, ca, sa, p_contig)
+    dsmean = dsmax = None
+    grads = {}
+    if spec.has_spatial:
+        ds = (gs * (sa * (1 - sa))).view(N, 1, H, W)
+        dsmean, dsmax, grads = spatial_backward(spec, ds, smean.view(N, 1, H, W),
+                                                smax.view(N, 1, H, W), sp_saved, w, want,
+                                                bn_batch_stats=bn_batch_stats)
+        dsmean, dsmax = dsmean.reshape(N, H * W), dsmax.reshape(N, H * W)
+        gc = gc + ops.bwd_spatial_pool(xd, ca, dsmean, dsmax, smax, sidx, scnt, p_contig,
+                                       spec.amax)
+    davg, dmx, ch_grads = channel_backward(spec, gc * (ca * (1 - ca)), avg, cmax, h, w, want)
+    grads.update(ch_grads)
+    dx = None
+    if need_dx:
+        dx = ops.bwd_input(g, xd, ca, sa, dsmean, dsmax, smax, sidx, scnt, davg, dmx,
+                           cmax, cidx, ccnt, p_contig, spec.amax)
+    return dx, grads
 
 
 class CBAMFunction(torch.autograd.Function):
-    """apply(x, spec, bn_training, bn_momentum, *weight_tensors, has_bn)"""
+    """apply(x, spec, bn_batch_stats, *weight_tensors, has_bn) -> (out, bn_mean, bn_var).
 
-    @staticmethod
-    def forward(ctx, x, spec: CBAMSpec, bn_training: bool, bn_momentum: float, *weights):
-        w = CBAMWeights(*weights)
-        N, C, H, W = x.shape
-        P = H * W
-        xd, p_contig = L.dense_layout(x)
-        csum, cmax, cidx, ccnt = L.channel_stats(xd, p_contig)
-        avg = csum / P
-        ca = torch.sigmoid(channel_logits(spec, avg, cmax, w))
-        sa = smean = smax = sidx = scnt = None
-        if spec.has_spatial:
-            ssum, smax, sidx, scnt = L.spatial_stats(xd, ca, p_contig)
-            smean = ssum / C
-            u = spatial_logits(spec, smean.view(N, 1, H, W), smax.view(N, 1, H, W), w,
-                               bn_training=bn_training, bn_momentum=bn_momentum,
-                               update_running_stats=True)
-            sa = torch.sigmoid(u).view(N, P)
-        out = L.gate_apply(xd, ca, sa, p_contig)
-
-        ctx.spec, ctx.bn_training, ctx.bn_momentum = spec, bn_training, bn_momentum
-        ctx.p_contig, ctx.has_bn = p_contig, w.has_bn
-        saved = list(w[:NUM_TENSOR_FIELDS])
-        if bn_training:
-            # Batch statistics are recomputed; running stats are not read in backward, and
-            # a second forward may update them in place before this backward runs.
-            saved[-2] = saved[-1] = None
-        ctx.save_for_backward(xd, ca, sa, avg, cmax, cidx, ccnt, smean, smax, sidx, scnt, *saved)
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        (xd, ca, sa, avg, cmax, cidx, ccnt, smean, smax, sidx, scnt,
-         *saved) = ctx.saved_tensors
-        spec, p_contig = ctx.spec, ctx.p_contig
-        N, C, H, W = xd.shape
-        g = L.as_layout(g, p_contig)
-        w = CBAMWeights(*[_detached(t, grad=True) for t in saved], ctx.has_bn)
-        grads = dict.fromkeys(CBAMWeights._fields[:NUM_TENSOR_FIELDS])
-
-        gs, gc = L.bwd_gate_sums(g, xd, ca, sa, p_contig)
-        dsmean = dsmax = None
-        if spec.has_spatial:
-            smean_ = smean.view(N, 1, H, W).detach().requires_grad_()
-            smax_ = smax.view(N, 1, H, W).detach().requires_grad_()
-            with torch.enable_grad():
-                sa_ = torch.sigmoid(spatial_logits(
-                    spec, smean_, smax_, w, bn_training=ctx.bn_training,
-                    bn_momentum=ctx.bn_momentum, update_running_stats=False))
-            dsmean, dsmax = _grad(sa_, gs.view_as(sa_), [smean_, smax_], w, grads,
-                                  ("conv_weight", "conv_bias", "bn_weight", "bn_bias"))
-            dsmean, dsmax = dsmean.view(N, H * W), dsmax.view(N, H * W)
-            gc = gc + L.bwd_spatial_pool(xd, ca, dsmean, dsmax, smax, sidx, scnt,
-                                         p_contig, spec.amax)
-
-        avg_ = avg.detach().requires_grad_()
-        cmax_ = cmax.detach().requires_grad_()
-        with torch.enable_grad():
-            ca_ = torch.sigmoid(channel_logits(spec, avg_, cmax_, w))
-        davg, dmx = _grad(ca_, gc, [avg_, cmax_], w, grads,
-                          ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"))
-
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = L.bwd_input(g, xd, ca, sa, dsmean, dsmax, smax, sidx, scnt, davg, dmx,
-                             cmax, cidx, ccnt, p_contig, spec.amax)
-        return (dx, None, None, None, *grads.values(), None)
-
-
-def _grad(output, grad_output, inputs, w: CBAMWeights, grads: dict, names):
-    """d(output)/d(inputs) and, into grads, d(output)/d(w.<name>) for weights that need it.
-
-    Unused inputs (e.g. the max pool of a variant that pools avg only) get zeros.
+    bn_mean and bn_var are the spatial BatchNorm's batch statistics (empty tensors
+    when not used), returned so the caller updates the running statistics outside
+    the autograd graph; they are not differentiable.
     """
-    params = [(n, getattr(w, n)) for n in names if getattr(w, n) is not None and getattr(w, n).requires_grad]
-    res = torch.autograd.grad(output, inputs + [p for _, p in params], grad_output, allow_unused=True)
-    for (n, _), r in zip(params, res[len(inputs):]):
-        grads[n] = r
-    return [torch.zeros_like(i) if r is None else r for i, r in zip(inputs, res[:len(inputs)])]
+
+    @staticmethod
+    def forward(ctx, x, spec: CBAMSpec, bn_batch_stats: bool, *weights):
+        w = CBAMWeights(*weights)
+        out, (saved, p_contig), batch = fused_forward(x, spec, w, bn_batch_stats)
+        ctx.spec, ctx.bn_batch_stats, ctx.p_contig = spec, bn_batch_stats, p_contig
+        ctx.has_bn = w.has_bn
+        params = list(w[:NUM_TENSOR_FIELDS])
+        # The backward reads running statistics only from the copy psi saved in eval
+        # mode; they are not saved here, since a later forward may update them in place.
+        params[-2] = params[-1] = None
+        ctx.save_for_backward(*saved, *params)
+        mean, var = batch if batch is not None else (x.new_empty(0), x.new_empty(0))
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    def backward(ctx, g, _gmean, _gvar):
+        *saved, = ctx.saved_tensors
+        n_saved = len(saved) - NUM_TENSOR_FIELDS
+        w = CBAMWeights(*saved[n_saved:], ctx.has_bn)
+        want = {name for name, need in zip(CBAMWeights._fields[:NUM_TENSOR_FIELDS],
+                                             ctx.needs_input_grad[3:]) if need}
+        dx, grads = fused_backward(g, ctx.spec, w, saved[:n_saved], ctx.p_contig,
+                                   ctx.bn_batch_stats, want, ctx.needs_input_grad[0])
+        return (dx, None, None,
+                *[grads.get(name) for name in CBAMWeights._fields[:NUM_TENSOR_FIELDS]], None)
 
 
 def cbam(x: torch.Tensor, spec: CBAMSpec, weights: CBAMWeights, *, bn_training: bool = False,
@@ -131,9 +145,30 @@ def cbam(x: torch.Tensor, spec: CBAMSpec, weights: CBAMWeights, *, bn_training: 
 
 def cbam_unchecked(x, spec: CBAMSpec, weights: CBAMWeights, *, bn_training: bool,
                    bn_momentum: float):
-    """`cbam` after check_inputs has passed."""
+    """`cbam` after check_inputs has passed.
+
+    Under torch.autocast a float32 input runs in the autocast dtype (as a convolution
+    would), and the output has that dtype.
+    """
     if x.shape[0] == 0:
         return x.clone()  # an empty batch: nothing to compute, no launch
+    cast = autocast_dtype(x)
+    if cast is not None and x.dtype == torch.float32:
+        x = x.to(cast)
     if not uses_kernels(x):
+        if cast is not None:
+            with torch.autocast(x.device.type, enabled=False):
+                return cbam_reference(x, spec, weights, bn_training=bn_training,
+                                      bn_momentum=bn_momentum)
         return cbam_reference(x, spec, weights, bn_training=bn_training, bn_momentum=bn_momentum)
-    return CBAMFunction.apply(x, spec, bn_training, bn_momentum, *weights)
+    bn_batch_stats = bn_training and weights.has_bn
+    with torch.autocast(x.device.type, enabled=False):
+        if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for _, t in weights.tensors())):
+            out, mean, var = CBAMFunction.apply(x, spec, bn_batch_stats, *weights)
+            batch = (mean, var) if bn_batch_stats else None
+        else:  # no_grad / inference_mode: no autograd node, nothing saved
+            out, _, batch = fused_forward(x, spec, weights, bn_batch_stats)
+    if batch is not None:
+        N, _, H, W = x.shape
+        update_running_stats(weights, batch, bn_momentum, N * H * W)
+    return out

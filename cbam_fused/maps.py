@@ -1,12 +1,16 @@
 """The small maps phi (pooled channel stats -> channel logits) and psi (pooled
-spatial maps -> spatial logits), in plain PyTorch.
+spatial maps -> spatial logits), forward and hand-written backward, in plain PyTorch.
 
 They work on N x C and N x H x W tensors, thousands of times smaller than x. The
-fused forward calls them under no_grad; the fused backward calls them again under
-enable_grad and differentiates them with torch.autograd.grad, so every variant
-gets exact gradients for its own parameters without hand-written MLP, conv or
-BatchNorm backward code. Weights are cast to the statistics' dtype (fp32, or fp64
-for fp64 inputs); autograd casts their gradients back.
+backward is written out (no torch.autograd.grad inside the fused backward) so that
+torch.compile can trace the whole block, forward and backward, into one graph.
+Weights are cast to the statistics' dtype (fp32, or fp64 for fp64 inputs) and their
+gradients are cast back to each weight's own dtype and shape.
+
+Each *_forward returns (logits, saved), where `saved` holds the small intermediates
+its *_backward needs beyond the pooled statistics; each *_backward returns the
+pooled-statistic gradients and a dict {CBAMWeights field: gradient} for the weights
+in `want`.
 """
 import torch
 import torch.nn.functional as F
@@ -14,36 +18,101 @@ import torch.nn.functional as F
 from .spec import CBAMSpec, CBAMWeights
 
 
-def _linear(v, weight, bias):
-    w = weight.reshape(weight.shape[0], -1).to(v.dtype)
-    return F.linear(v, w, None if bias is None else bias.to(v.dtype))
+def _matrix(weight, dt):
+    """A Linear [out, in] or 1x1-conv [out, in, 1, 1] weight as an [out, in] matrix."""
+    return weight.reshape(weight.shape[0], -1).to(dt)
 
 
-def channel_logits(spec: CBAMSpec, avg, mx, w: CBAMWeights):
-    """phi: [N, C] avg and max pools -> [N, C] logits (before the sigmoid)."""
+def _cast(t, dt):
+    return None if t is None else t.to(dt)
+
+
+def _store(grads, want, name, grad, like):
+    if name in want and like is not None:
+        grads[name] = grad.to(like.dtype).reshape(like.shape)
+
+
+# ------------------------------------------------------------------ phi
+
+def _mlp_input(spec: CBAMSpec, avg, mx):
     if spec.channel_pool == "avg+max":
-        v = torch.cat([avg, mx], 0)  # both pools through the MLP in one batch
-    elif spec.channel_pool == "mean(avg,max)":
-        v = 0.5 * avg + 0.5 * mx
-    else:
-        v = avg
-    h = _linear(v, w.fc1_weight, w.fc1_bias)
+        return torch.cat([avg, mx], 0)  # both pools through the MLP as one batch
+    if spec.channel_pool == "mean(avg,max)":
+        return 0.5 * avg + 0.5 * mx
+    return avg
+
+
+def channel_forward(spec: CBAMSpec, avg, mx, w: CBAMWeights):
+    """phi: [N, C] avg and max pools -> ([N, C] logits before the sigmoid, saved).
+
+    saved is the hidden pre-activation h ([N or 2N, hidden], small); the backward
+    rebuilds the MLP input from the pools, which the fused backward keeps anyway."""
+    v = _mlp_input(spec, avg, mx)
+    dt = v.dtype
+    h = F.linear(v, _matrix(w.fc1_weight, dt), _cast(w.fc1_bias, dt))
+    o = h
     if w.fc2_weight is not None:
-        h = _linear(torch.relu(h), w.fc2_weight, w.fc2_bias)
+        o = F.linear(torch.relu(h), _matrix(w.fc2_weight, dt), _cast(w.fc2_bias, dt))
     if spec.channel_pool == "avg+max":
         n = avg.shape[0]
-        h = h[:n] + h[n:]
-    return h
+        o = o[:n] + o[n:]
+    return o, h
 
 
-def spatial_logits(spec: CBAMSpec, smean, smax, w: CBAMWeights, *, bn_training: bool,
-                   bn_momentum: float, update_running_stats: bool):
-    """psi: [N, 1, H, W] channel-mean and channel-max maps -> [N, 1, H, W] logits.
+def channel_backward(spec: CBAMSpec, dlogits, avg, mx, h, w: CBAMWeights, want):
+    """d(phi): -> (davg, dmax, weight gradients)."""
+    v = _mlp_input(spec, avg, mx)
+    dt = v.dtype
+    do = torch.cat([dlogits, dlogits], 0) if spec.channel_pool == "avg+max" else dlogits
+    grads = {}
+    if w.fc2_weight is not None:
+        _store(grads, want, "fc2_weight", do.t() @ torch.relu(h), w.fc2_weight)
+        _store(grads, want, "fc2_bias", do.sum(0), w.fc2_bias)
+        # relu backward is aten's threshold_backward (a select, not a product), so NaN
+        # and Inf reach exactly the units they reach in nn.ReLU's backward.
+        dh = torch.ops.aten.threshold_backward(do @ _matrix(w.fc2_weight, dt), torch.relu(h), 0)
+    else:
+        dh = do
+    _store(grads, want, "fc1_weight", dh.t() @ v, w.fc1_weight)
+    _store(grads, want, "fc1_bias", dh.sum(0), w.fc1_bias)
+    dv = dh @ _matrix(w.fc1_weight, dt)
+    if spec.channel_pool == "avg+max":
+        n = dlogits.shape[0]
+        return dv[:n], dv[n:], grads
+    if spec.channel_pool == "mean(avg,max)":
+        half = 0.5 * dv
+        return half, half, grads
+    return dv, torch.zeros_like(dv), grads
 
-    With BatchNorm in training mode the batch statistics of the conv output are
-    used; running statistics are updated only when update_running_stats is set
-    (the forward), not when the backward recomputes this graph.
+
+# ------------------------------------------------------------------ psi
+
+def spatial_forward(spec: CBAMSpec, smean, smax, w: CBAMWeights, *, bn_batch_stats: bool):
+    """psi: [N, 1, H, W] channel-mean and channel-max maps -> (logits, saved, batch).
+
+    With BatchNorm and bn_batch_stats the conv output is normalized by its own batch
+    statistics, and batch = (mean, biased var) for the running-statistic update;
+    otherwise by the running statistics, and batch is None. BatchNorm runs as aten's
+    native_batch_norm (and its backward below), the kernels nn.BatchNorm2d's autograd
+    uses, so the rounding of an ill-conditioned batch matches plain PyTorch.
     """
+    z, u = _conv(spec, smean, smax, w)
+    dt = z.dtype
+    if not w.has_bn:
+        return u, (None, None, None), None
+    gamma, beta = _cast(w.bn_weight, dt), _cast(w.bn_bias, dt)
+    if bn_batch_stats:
+        s, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
+            u, gamma, beta, None, None, True, 0.0, spec.bn_eps)
+        var, mean = torch.var_mean(u, dim=(0, 2, 3), correction=0)
+        return s, (save_mean, save_invstd, None), (mean, var)
+    running = (w.bn_running_mean.to(dt), w.bn_running_var.to(dt))
+    s, _, _ = torch.ops.aten.native_batch_norm(u, gamma, beta, *running, False, 0.0, spec.bn_eps)
+    return s, (None, None, torch.stack(running)), None
+
+
+def _conv(spec: CBAMSpec, smean, smax, w: CBAMWeights):
+    """(conv input z, conv output u) of psi."""
     if spec.spatial_pool == "max,mean":
         z = torch.cat([smax, smean], 1)
     elif spec.spatial_pool == "mean,max":
@@ -51,22 +120,61 @@ def spatial_logits(spec: CBAMSpec, smean, smax, w: CBAMWeights, *, bn_training: 
     else:
         z = 0.5 * smean + 0.5 * smax
     dt = z.dtype
-    u = F.conv2d(z, w.conv_weight.to(dt), None if w.conv_bias is None else w.conv_bias.to(dt),
-                 padding=spec.kernel_size // 2)
-    if not w.has_bn:
-        return u
-    bw = None if w.bn_weight is None else w.bn_weight.to(dt)
-    bb = None if w.bn_bias is None else w.bn_bias.to(dt)
-    rm, rv = w.bn_running_mean, w.bn_running_var
-    if bn_training and not update_running_stats:
-        rm = rv = None
-    if rm is None:
-        return F.batch_norm(u, None, None, bw, bb, bn_training, bn_momentum, spec.bn_eps)
-    # Statistics in the buffers' own dtype may differ from the compute dtype: update a
-    # cast copy, then write it back.
-    rm_c, rv_c = rm.to(dt), rv.to(dt)
-    out = F.batch_norm(u, rm_c, rv_c, bw, bb, bn_training, bn_momentum, spec.bn_eps)
-    if bn_training and rm_c is not rm:
-        rm.copy_(rm_c)
-        rv.copy_(rv_c)
-    return out
+    u = F.conv2d(z, w.conv_weight.to(dt), _cast(w.conv_bias, dt), padding=spec.kernel_size // 2)
+    return z, u
+
+
+def spatial_backward(spec: CBAMSpec, ds, smean, smax, saved, w: CBAMWeights, want, *,
+                     bn_batch_stats: bool):
+    """d(psi): [N, 1, H, W] logit gradient -> (dsmean, dsmax, weight gradients).
+
+    The conv input and output are recomputed from the pooled maps (a small conv)
+    rather than saved; saved holds BatchNorm's batch mean and 1/std, or the running
+    statistics in eval mode."""
+    save_mean, save_invstd, running = saved
+    z, u = _conv(spec, smean, smax, w)
+    dt = z.dtype
+    grads = {}
+    du = ds
+    if w.has_bn:
+        gamma = _cast(w.bn_weight, dt)
+        rm, rv = (None, None) if running is None else (running[0], running[1])
+        du, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(
+            ds, u, gamma, rm, rv, save_mean, save_invstd, bn_batch_stats, spec.bn_eps,
+            [True, gamma is not None and "bn_weight" in want,
+             w.bn_bias is not None and "bn_bias" in want])
+        if dgamma is not None:
+            _store(grads, want, "bn_weight", dgamma, w.bn_weight)
+        if dbeta is not None:
+            _store(grads, want, "bn_bias", dbeta, w.bn_bias)
+    weight = w.conv_weight.to(dt)
+    pad = spec.kernel_size // 2
+    bias_sizes = [1] if w.conv_bias is not None else None
+    dz, dweight, dbias = torch.ops.aten.convolution_backward(
+        du, z, weight, bias_sizes, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1,
+        [True, "conv_weight" in want, w.conv_bias is not None and "conv_bias" in want])
+    if dweight is not None:
+        _store(grads, want, "conv_weight", dweight, w.conv_weight)
+    if dbias is not None:
+        _store(grads, want, "conv_bias", dbias, w.conv_bias)
+    if spec.spatial_pool == "max,mean":
+        return dz[:, 1:2], dz[:, 0:1], grads
+    if spec.spatial_pool == "mean,max":
+        return dz[:, 0:1], dz[:, 1:2], grads
+    half = 0.5 * dz
+    return half, half, grads
+
+
+def update_running_stats(w: CBAMWeights, batch, momentum: float, count: int):
+    """nn.BatchNorm2d's running-statistic update: unbiased batch variance, factor momentum.
+
+    Computed in the statistics' dtype and written into the buffers in place.
+    """
+    if batch is None or w.bn_running_mean is None:
+        return
+    mean, var = batch
+    with torch.no_grad():
+        unbiased = var * (count / max(count - 1, 1))
+        rm, rv = w.bn_running_mean, w.bn_running_var
+        rm.copy_(rm.to(mean.dtype) * (1 - momentum) + mean * momentum)
+        rv.copy_(rv.to(var.dtype) * (1 - momentum) + unbiased * momentum)

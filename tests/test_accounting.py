@@ -1,0 +1,62 @@
+"""Accounting bounds, counted in the Triton interpreter: bytes of the big tensors each
+direction moves, Triton launches, and bytes saved for backward (DESIGN.md sections 4-5).
+
+Forward: F1 reads x, F2 reads x, F3 reads x and writes out: 4|x|.
+Backward: B1 reads g and x, B2 reads x, B3 reads g and x and writes dx: 5|x|.
+Small operands (gates, pooled statistics, partial rows) are counted apart; they are
+O(N*C + N*H*W).
+"""
+import pytest
+import torch
+
+from cbam_fused.accounting import TrafficCounter
+
+from helpers import make_module
+
+# Every variant, dtype and layout on one shape; odd and lopsided shapes on the default variant.
+CASES = ([(v, (2, 40, 12, 12), d) for v in ("official", "timm", "ultralytics", "no_spatial")
+          for d in (torch.bfloat16, torch.float32)]
+         + [("official", s, torch.float16) for s in ((3, 17, 13, 9), (1, 130, 5, 7))])
+
+
+def _measure(variant, shape, dtype, layout):
+    m = make_module(variant, shape[1], "cpu")
+    x = torch.randn(shape, dtype=dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    g = torch.randn_like(x)
+    params = {t.data_ptr() for t in list(m.parameters()) + list(m.buffers())}
+    saved = []
+    with TrafficCounter() as fwd:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = m(x)
+    with TrafficCounter() as bwd:
+        out.backward(g)
+    saved_bytes = sum(t.numel() * t.element_size() for t in saved if t.data_ptr() not in params)
+    return x.numel() * x.element_size(), fwd, bwd, saved_bytes
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("variant,shape,dtype", CASES,
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_traffic_launches_and_saved_bytes(variant, shape, dtype, layout):
+    xb, fwd, bwd, saved = _measure(variant, shape, dtype, layout)
+    f, b = fwd.totals(), bwd.totals()
+    N, C, H, W = shape
+    spatial = variant != "no_spatial"
+    # launches: F1, (F2), F3 and B1, (B2), B3; no merge kernels on CPU (one split)
+    assert f.launches == (3 if spatial else 2), fwd.order
+    assert b.launches == (3 if spatial else 2), bwd.order
+    # big-tensor traffic, as multiples of |x|
+    assert (f.big_read + f.big_written) / xb <= (4.1 if spatial else 3.1), vars(f)
+    assert (b.big_read + b.big_written) / xb <= 5.1, vars(b)
+    assert f.big_written / xb <= 1.0001 and b.big_written / xb <= 1.0001
+    # the masks keep every pass inside the tensor: at least one full read of x each
+    assert f.big_read / xb >= (3 if spatial else 2) - 1e-9
+    # small operands stay O(N*C + N*H*W) (a generous 64 fp32 rows of each)
+    small_limit = 64 * 4 * (N * C + N * H * W)
+    assert f.small_read + f.small_written <= small_limit
+    assert b.small_read + b.small_written <= small_limit
+    # saved for backward: x itself plus small statistics
+    assert saved <= 1.05 * xb + 8 * 4 * (N * C + N * H * W), saved / xb

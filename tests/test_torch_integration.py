@@ -1,0 +1,210 @@
+"""torch.library registration (opcheck), torch.compile(fullgraph=True) forward and
+backward, autocast, and the absence of host synchronization (what CUDA graph capture
+needs). no_grad / inference_mode: test_determinism_and_memory.py."""
+import copy
+import functools
+
+import pytest
+import torch
+
+import cbam_fused
+from cbam_fused import launchers as L
+from cbam_fused.ops import OPS
+
+from helpers import assert_close, make_module
+
+
+def _op_args(layout, has_sa=True, amax=False, dtype=torch.float32, device="cpu"):
+    """Sample arguments for every op, from one real forward on a 2x5x3x7 input."""
+    x = torch.randn(2, 5, 3, 7, dtype=dtype, device=device)
+    x[:, 1] = 0.0  # ties in the max statistics
+    p_contig = layout == "nchw"
+    if not p_contig:
+        x = x.to(memory_format=torch.channels_last)
+    N, C, H, W = x.shape
+    P = H * W
+    acc = L.acc_dtype(dtype)
+    csum, cmax, cidx, ccnt = L.channel_stats(x, p_contig)
+    ca = torch.rand(N, C, dtype=acc, device=device)
+    ssum, smax, sidx, scnt = L.spatial_stats(x, ca, p_contig)
+    sa = torch.rand(N, P, dtype=acc, device=device) if has_sa else None
+    g = torch.randn_like(x)
+    small = functools.partial(torch.randn, dtype=acc, device=device)
+    dsmean, dsmax = (small(N, P), small(N, P)) if has_sa else (None, None)
+    sp = (smax, sidx, scnt) if has_sa else (None, None, None)
+    return {
+        "channel_stats": (x, p_contig),
+        "spatial_stats": (x, ca, p_contig),
+        "gate_apply": (x, ca, sa, p_contig),
+        "bwd_gate_sums": (g, x, ca, sa, p_contig),
+        "bwd_spatial_pool": (x, ca, small(N, P), small(N, P), smax, sidx, scnt, p_contig, amax),
+        "bwd_input": (g, x, ca, sa, dsmean, dsmax, *sp, small(N, C), small(N, C), cmax, cidx,
+                      ccnt, p_contig, amax),
+    }
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("has_sa", [True, False], ids=["spatial", "no_spatial"])
+def test_opcheck(layout, has_sa, device):
+    """Schema, fake (meta) implementation vs the real one, and AOT dispatch, per op."""
+    args = _op_args(layout, has_sa=has_sa, amax=not has_sa, device=device)
+    for name, a in args.items():
+        if name == "bwd_spatial_pool" and not has_sa:
+            continue
+        torch.library.opcheck(getattr(OPS, name), a,
+                              test_utils=("test_schema", "test_faketensor",
+                                          "test_aot_dispatch_dynamic"))
+
+
+def test_ops_outputs_match_launchers(device):
+    """The registered ops run the same launcher code as the eager path."""
+    for name, a in _op_args("nchw", device=device).items():
+        got = getattr(OPS, name)(*a)
+        want = getattr(cbam_fused.ops.DIRECT, name)(*a)
+        for u, v in zip(got if isinstance(got, tuple) else (got,),
+                        want if isinstance(want, tuple) else (want,)):
+            assert torch.equal(u, v), name
+
+
+def _fwd_bwd(model, x, g, call=None):
+    model.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    out = (model if call is None else call)(x)
+    out.backward(g)
+    return out.detach(), x.grad, {n: p.grad for n, p in model.named_parameters()}, \
+        {n: b.clone() for n, b in model.named_buffers()}
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("variant,layout", [("official", "nchw"), ("timm", "channels_last")])
+def test_compile_fullgraph_matches_eager(backend, variant, layout, device):
+    """torch.compile(fullgraph=True): no graph break, forward and backward and the
+    BatchNorm running statistics agree with the eager fused block."""
+    torch._dynamo.reset()
+    eager = make_module(variant, 16, device)
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True, backend=backend)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    for step in range(2):  # the second call runs the cached graph with updated BN state
+        x = torch.randn(2, 16, 6, 5, device=device).to(memory_format=fmt)
+        g = torch.randn_like(x)
+        e = _fwd_bwd(eager, x, g)
+        c = _fwd_bwd(compiled_model, x, g, call=compiled)
+        what = f"compiled[{backend}] {variant} step {step}"
+        assert_close(c[0], e[0], torch.float32, 16 * 30, f"{what} out")
+        assert_close(c[1], e[1], torch.float32, 16 * 30, f"{what} dx")
+        assert c[0].is_contiguous(memory_format=fmt)
+        for n in e[2]:
+            assert_close(c[2][n], e[2][n], torch.float32, 2 * 16 * 30, f"{what} grad {n}")
+        for n in e[3]:
+            if "num_batches" in n:
+                assert torch.equal(c[3][n], e[3][n]), n
+            else:
+                assert_close(c[3][n], e[3][n], torch.float32, 60, f"{what} {n}")
+
+
+def test_compile_dynamic_shapes_no_recompile_for_new_batch(device):
+    """A new N, H or W under dynamic shapes reuses the compiled graph."""
+    torch._dynamo.reset()
+    m = make_module("official", 8, device).eval()
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+    cm = torch.compile(m, fullgraph=True, backend="aot_eager", dynamic=True)
+    with torch.no_grad():
+        for shape in [(2, 8, 5, 6), (3, 8, 5, 6), (2, 8, 7, 9), (4, 8, 3, 11)]:
+            x = torch.randn(shape, device=device)
+            assert_close(cm(x), m(x), torch.float32, 64, f"dynamic {shape}")
+    assert counts["stats"]["unique_graphs"] == 1, dict(counts["stats"])
+
+
+@pytest.mark.parametrize("variant", ["timm", "ultralytics"])
+def test_autocast_runs_in_autocast_dtype_and_matches_eager(variant, device):
+    """Under torch.autocast(bfloat16) a float32 input runs in bfloat16 and the result
+    matches the float64 reference evaluated on the bfloat16-rounded input."""
+    m = make_module(variant, 16, device).eval()
+    x = torch.randn(2, 16, 7, 6, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        out = m(x)
+    assert out.dtype == torch.bfloat16
+    ref = cbam_fused.cbam_reference(x.to(torch.bfloat16).double().cpu(), m.spec,
+                                    copy.deepcopy(m).double().cpu().fused_weights())
+    assert_close(out, ref, torch.bfloat16, 16 * 42, f"autocast {variant}")
+    with torch.autocast(device.type, dtype=torch.bfloat16):  # eager PyTorch, same autocast
+        eager = cbam_fused.cbam_reference(x.cpu(), m.spec, copy.deepcopy(m).cpu().fused_weights())
+    assert_close(out, eager, torch.bfloat16, 16 * 42, f"autocast {variant} vs eager")
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        direct = m(x.to(torch.bfloat16))
+    assert torch.equal(direct, out)
+
+
+class _NoHostSync:
+    """Fails the test on anything that would synchronize with the device or depend on
+    tensor data on the host: .item(), bool()/int()/float() of a tensor, .tolist(),
+    .cpu()/.numpy() of a result."""
+    NAMES = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu")
+
+    def __enter__(self):
+        self.saved = {n: getattr(torch.Tensor, n) for n in self.NAMES}
+        for n in self.NAMES:
+            setattr(torch.Tensor, n, self._forbid(n))
+        return self
+
+    def __exit__(self, *exc):
+        for n, f in self.saved.items():
+            setattr(torch.Tensor, n, f)
+
+    @staticmethod
+    def _forbid(name):
+        def f(*a, **k):
+            raise AssertionError(f"host synchronization: Tensor.{name} called")
+        return f
+
+
+@pytest.mark.parametrize("variant", ["official", "timm", "ultralytics", "no_spatial"])
+def test_forward_backward_never_synchronize(variant, device):
+    """CUDA graph capture needs no host sync and no data-dependent allocation sizes:
+    the whole forward+backward runs with every tensor-to-host path disabled."""
+    m = make_module(variant, 16, device)
+    x = torch.randn(2, 16, 6, 5, device=device, requires_grad=True)
+    g = torch.randn_like(x)
+    with _NoHostSync():
+        out = m(x)
+        out.backward(g)
+    assert x.grad is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
+def test_cuda_graph_capture_and_replay():
+    m = make_module("official", 32, "cuda").eval()
+    static_x = torch.randn(4, 32, 14, 14, device="cuda", requires_grad=True)
+    static_g = torch.randn_like(static_x)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):  # warm up: compile the kernels outside the capture
+            m(static_x).backward(static_g)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    static_x.grad = None
+    with torch.cuda.graph(graph):
+        static_out = m(static_x)
+        static_out.backward(static_g)
+    new_x = torch.randn_like(static_x)
+    static_x.data.copy_(new_x)
+    graph.replay()
+    xx = new_x.clone().requires_grad_()
+    out = m(xx)
+    out.backward(static_g)
+    torch.testing.assert_close(static_out, out)
+
+
+def test_autocast_fp16_dtype_is_the_autocast_one(device):
+    if device.type == "cpu" and not torch.amp.is_autocast_available("cpu"):
+        pytest.skip("no CPU autocast")
+    m = make_module("official", 8, device).eval()
+    x = torch.randn(1, 8, 4, 4, device=device)
+    with torch.autocast(device.type, dtype=torch.float16):
+        out = m(x)
+    assert out.dtype == torch.float16
+    with torch.autocast(device.type, enabled=False):
+        assert m(x).dtype == torch.float32
