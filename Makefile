@@ -24,6 +24,11 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -n $(JOBS) tests
 
+# The property-based test with many fresh examples (default 500; CBAM_HYPOTHESIS_EXAMPLES=N).
+test-long: $(STAMP)
+	CBAM_HYPOTHESIS_EXAMPLES=$${CBAM_HYPOTHESIS_EXAMPLES:-500} CBAM_HYPOTHESIS_RANDOM=1 \
+		$(PY) -m pytest -n $(JOBS) tests/test_property.py
+
 aot: $(STAMP)
 	$(PY) -m cbam_fused.aot
 

@@ -174,7 +174,17 @@ def build_report(build: Build, arch: int) -> dict:
                 occupancy=occupancy(regs, k.metadata.shared),
                 v4_loads=len(re.findall(r"ld\.global(\.\w+)*\.v4", ptx)),
                 v4_stores=len(re.findall(r"st\.global(\.\w+)*\.v4", ptx)),
-                scalar_loads=len(re.findall(r"ld\.global(\.\w+)*\.(b|u|f)(8|16|32|64)\s", ptx)))
+                scalar_loads=len(re.findall(r"ld\.global(\.\w+)*\.(b|u|f)(8|16|32|64)\s", ptx)),
+                i32_offsets=len(_I32_ADDPTR.findall(k.asm["ttir"]))
+                + len(_I32_TILE_MUL.findall(k.asm["ttir"])))
+
+
+# A 32-bit pointer offset that could overflow: a scalar i32 (a sample or plane base) or
+# a 2-D i32 tile (plane offsets r * K + k). 1-D i32 offsets added to a 64-bit row base
+# are indices within one row (< C or < H*W) and cannot overflow.
+_I32_ADDPTR = re.compile(r"tt\.addptr [^\n]*:[^\n]*, (tensor<\d+x\d+xi32>|i32)( |$)", re.M)
+# A 32-bit multiply on a 2-D tile: a plane offset r * K computed before widening to int64.
+_I32_TILE_MUL = re.compile(r"arith\.muli [^\n]*: tensor<\d+x\d+xi32>")
 
 
 def _report_one(args):
