@@ -59,12 +59,11 @@ def _check_conv(conv, in_ch: int, out_ch: int, name: str) -> int:
 
 
 def _check_bn(bn, name: str):
-    """nn.BatchNorm2d (timm's BatchNormAct2d with identity act/drop included); None if absent."""
+    """nn.BatchNorm2d (timm's BatchNormAct2d with identity act/drop included, and
+    nn.SyncBatchNorm, whose global statistics the fused block computes); None if absent."""
     if bn is None or (isinstance(bn, nn.Sequential) and len(bn) == 0):
         return None
-    if isinstance(bn, nn.SyncBatchNorm):
-        raise Unsupported(f"{name} is SyncBatchNorm: synchronized statistics are not fused")
-    if not isinstance(bn, nn.BatchNorm2d):
+    if not isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)):
         raise Unsupported(f"{name} is {type(bn).__name__}, not BatchNorm2d")
     for extra in ("act", "drop"):
         if not isinstance(getattr(bn, extra, nn.Identity()), nn.Identity):
@@ -91,7 +90,7 @@ class _Wrapper(FusedCBAMBase):
         for name in children:
             setattr(self, name, getattr(source, name))
         object.__setattr__(self, "source", source)  # not a child: no duplicate state-dict keys
-        self.train(source.training)
+        self.training = source.training  # not train(): children keep their own modes
 
 
 class FusedTimmCbam(_Wrapper):
@@ -257,7 +256,7 @@ def _convert(module, name, report):
 def unconvert(model: nn.Module) -> nn.Module:
     """Put the original blocks back (they share every tensor with the fused wrappers)."""
     if isinstance(model, _Wrapper):
-        model.source.train(model.training)
+        model.source.training = model.training
         return model.source
     for child_name, child in list(model.named_children()):
         new = unconvert(child)

@@ -41,7 +41,7 @@ def autocast_dtype(x: torch.Tensor):
     return torch.get_autocast_dtype(kind)
 
 
-def fused_forward(x, spec: CBAMSpec, w: CBAMWeights, bn_batch_stats: bool):
+def fused_forward(x, spec: CBAMSpec, w: CBAMWeights, bn_batch_stats: bool, group=None):
     """The forward passes. Returns (out, saved, batch): saved holds what the backward
     needs (x plus O(N*C + N*H*W) statistics), batch the spatial BatchNorm's batch
     (mean, var) for the running-statistic update, or None."""
@@ -60,7 +60,7 @@ def fused_forward(x, spec: CBAMSpec, w: CBAMWeights, bn_batch_stats: bool):
         smean = ssum / C
         u, sp_saved, batch = spatial_forward(spec, smean.view(N, 1, H, W),
                                              smax.view(N, 1, H, W), w,
-                                             bn_batch_stats=bn_batch_stats)
+                                             bn_batch_stats=bn_batch_stats, group=group)
         sa = torch.sigmoid(u).view(N, P)
     out = ops.gate_apply(xd, ca, sa, p_contig)
     saved = (xd, ca, sa, avg, cmax, cidx, ccnt, h, smean, smax, sidx, scnt, *sp_saved)
@@ -68,7 +68,7 @@ def fused_forward(x, spec: CBAMSpec, w: CBAMWeights, bn_batch_stats: bool):
 
 
 def fused_backward(g, spec: CBAMSpec, w: CBAMWeights, saved, p_contig: bool,
-                   bn_batch_stats: bool, want, need_dx: bool):
+                   bn_batch_stats: bool, want, need_dx: bool, group=None):
     """The backward passes: (dx or None, {weight field: gradient})."""
     ops = passes()
     (xd, ca, sa, avg, cmax, cidx, ccnt, h, smean, smax, sidx, scnt, *sp_saved) = saved
@@ -81,7 +81,7 @@ def fused_backward(g, spec: CBAMSpec, w: CBAMWeights, saved, p_contig: bool,
         ds = (gs * (sa * (1 - sa))).view(N, 1, H, W)
         dsmean, dsmax, grads = spatial_backward(spec, ds, smean.view(N, 1, H, W),
                                                 smax.view(N, 1, H, W), sp_saved, w, want,
-                                                bn_batch_stats=bn_batch_stats)
+                                                bn_batch_stats=bn_batch_stats, group=group)
         dsmean, dsmax = dsmean.reshape(N, H * W), dsmax.reshape(N, H * W)
         gc = gc + ops.bwd_spatial_pool(xd, ca, dsmean, dsmax, smax, sidx, scnt, p_contig,
                                        spec.amax)
@@ -95,18 +95,20 @@ def fused_backward(g, spec: CBAMSpec, w: CBAMWeights, saved, p_contig: bool,
 
 
 class CBAMFunction(torch.autograd.Function):
-    """apply(x, spec, bn_batch_stats, *weight_tensors, has_bn) -> (out, bn_mean, bn_var).
+    """apply(x, spec, bn_batch_stats, group, *weight_tensors, has_bn) -> (out, bn_mean, bn_var).
 
-    bn_mean and bn_var are the spatial BatchNorm's batch statistics (empty tensors
-    when not used), returned so the caller updates the running statistics outside
+    group: the process group of a synchronized (SyncBatchNorm) spatial BatchNorm, or
+    None. bn_mean and bn_var are the spatial BatchNorm's batch mean and unbiased
+    variance (empty tensors when not used), returned so the caller updates the running statistics outside
     the autograd graph; they are not differentiable.
     """
 
     @staticmethod
-    def forward(ctx, x, spec: CBAMSpec, bn_batch_stats: bool, *weights):
+    def forward(ctx, x, spec: CBAMSpec, bn_batch_stats: bool, group, *weights):
         w = CBAMWeights(*weights)
-        out, (saved, p_contig), batch = fused_forward(x, spec, w, bn_batch_stats)
+        out, (saved, p_contig), batch = fused_forward(x, spec, w, bn_batch_stats, group)
         ctx.spec, ctx.bn_batch_stats, ctx.p_contig = spec, bn_batch_stats, p_contig
+        ctx.group = group
         ctx.has_bn = w.has_bn
         params = list(w[:NUM_TENSOR_FIELDS])
         # The backward reads running statistics only from the copy psi saved in eval
@@ -123,10 +125,10 @@ class CBAMFunction(torch.autograd.Function):
         n_saved = len(saved) - NUM_TENSOR_FIELDS
         w = CBAMWeights(*saved[n_saved:], ctx.has_bn)
         want = {name for name, need in zip(CBAMWeights._fields[:NUM_TENSOR_FIELDS],
-                                             ctx.needs_input_grad[3:]) if need}
+                                             ctx.needs_input_grad[4:]) if need}
         dx, grads = fused_backward(g, ctx.spec, w, saved[:n_saved], ctx.p_contig,
-                                   ctx.bn_batch_stats, want, ctx.needs_input_grad[0])
-        return (dx, None, None,
+                                   ctx.bn_batch_stats, want, ctx.needs_input_grad[0], ctx.group)
+        return (dx, None, None, None,
                 *[grads.get(name) for name in CBAMWeights._fields[:NUM_TENSOR_FIELDS]], None)
 
 
@@ -144,11 +146,12 @@ def cbam(x: torch.Tensor, spec: CBAMSpec, weights: CBAMWeights, *, bn_training: 
 
 
 def cbam_unchecked(x, spec: CBAMSpec, weights: CBAMWeights, *, bn_training: bool,
-                   bn_momentum: float):
+                   bn_momentum: float, bn_group=None):
     """`cbam` after check_inputs has passed.
 
     Under torch.autocast a float32 input runs in the autocast dtype (as a convolution
-    would), and the output has that dtype.
+    would), and the output has that dtype. bn_group: synchronize the spatial BatchNorm's
+    batch statistics over this process group (SyncBatchNorm), see sync_bn.py.
     """
     if x.shape[0] == 0:
         return x.clone()  # an empty batch: nothing to compute, no launch
@@ -156,6 +159,10 @@ def cbam_unchecked(x, spec: CBAMSpec, weights: CBAMWeights, *, bn_training: bool
     if cast is not None and x.dtype == torch.float32:
         x = x.to(cast)
     if not uses_kernels(x):
+        if bn_group is not None:
+            raise NotImplementedError(
+                "cbam_fused: a synchronized (SyncBatchNorm) spatial BatchNorm needs the fused "
+                "path: CUDA tensors, or CPU tensors with TRITON_INTERPRET=1")
         if cast is not None:
             with torch.autocast(x.device.type, enabled=False):
                 return cbam_reference(x, spec, weights, bn_training=bn_training,
@@ -164,11 +171,9 @@ def cbam_unchecked(x, spec: CBAMSpec, weights: CBAMWeights, *, bn_training: bool
     bn_batch_stats = bn_training and weights.has_bn
     with torch.autocast(x.device.type, enabled=False):
         if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for _, t in weights.tensors())):
-            out, mean, var = CBAMFunction.apply(x, spec, bn_batch_stats, *weights)
+            out, mean, var = CBAMFunction.apply(x, spec, bn_batch_stats, bn_group, *weights)
             batch = (mean, var) if bn_batch_stats else None
         else:  # no_grad / inference_mode: no autograd node, nothing saved
-            out, _, batch = fused_forward(x, spec, weights, bn_batch_stats)
-    if batch is not None:
-        N, _, H, W = x.shape
-        update_running_stats(weights, batch, bn_momentum, N * H * W)
+            out, _, batch = fused_forward(x, spec, weights, bn_batch_stats, bn_group)
+    update_running_stats(weights, batch, bn_momentum)
     return out

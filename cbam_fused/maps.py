@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .spec import CBAMSpec, CBAMWeights
+from .sync_bn import sync_bn_backward, sync_bn_forward
 
 
 def _matrix(weight, dt):
@@ -87,12 +88,14 @@ def channel_backward(spec: CBAMSpec, dlogits, avg, mx, h, w: CBAMWeights, want):
 
 # ------------------------------------------------------------------ psi
 
-def spatial_forward(spec: CBAMSpec, smean, smax, w: CBAMWeights, *, bn_batch_stats: bool):
+def spatial_forward(spec: CBAMSpec, smean, smax, w: CBAMWeights, *, bn_batch_stats: bool,
+                    group=None):
     """psi: [N, 1, H, W] channel-mean and channel-max maps -> (logits, saved, batch).
 
     With BatchNorm and bn_batch_stats the conv output is normalized by its own batch
-    statistics, and batch = (mean, biased var) for the running-statistic update;
-    otherwise by the running statistics, and batch is None. BatchNorm runs as aten's
+    statistics (over every process of `group` when one is given: SyncBatchNorm), and
+    batch = (mean, unbiased var) for the running-statistic update; otherwise by the
+    running statistics, and batch is None. Unsynchronized BatchNorm runs as aten's
     native_batch_norm (and its backward below), the kernels nn.BatchNorm2d's autograd
     uses, so the rounding of an ill-conditioned batch matches plain PyTorch.
     """
@@ -101,11 +104,15 @@ def spatial_forward(spec: CBAMSpec, smean, smax, w: CBAMWeights, *, bn_batch_sta
     if not w.has_bn:
         return u, (None, None, None), None
     gamma, beta = _cast(w.bn_weight, dt), _cast(w.bn_bias, dt)
+    if bn_batch_stats and group is not None:
+        s, uhat, invstd, mean, var, count = sync_bn_forward(u, gamma, beta, spec.bn_eps, group)
+        return s, (uhat, invstd, count), (mean, var * (count / (count - 1).clamp(min=1)))
     if bn_batch_stats:
         s, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
             u, gamma, beta, None, None, True, 0.0, spec.bn_eps)
         var, mean = torch.var_mean(u, dim=(0, 2, 3), correction=0)
-        return s, (save_mean, save_invstd, None), (mean, var)
+        n = u.numel() // u.shape[1]
+        return s, (save_mean, save_invstd, None), (mean, var * (n / max(n - 1, 1)))
     running = (w.bn_running_mean.to(dt), w.bn_running_var.to(dt))
     s, _, _ = torch.ops.aten.native_batch_norm(u, gamma, beta, *running, False, 0.0, spec.bn_eps)
     return s, (None, None, torch.stack(running)), None
@@ -125,18 +132,23 @@ def _conv(spec: CBAMSpec, smean, smax, w: CBAMWeights):
 
 
 def spatial_backward(spec: CBAMSpec, ds, smean, smax, saved, w: CBAMWeights, want, *,
-                     bn_batch_stats: bool):
+                     bn_batch_stats: bool, group=None):
     """d(psi): [N, 1, H, W] logit gradient -> (dsmean, dsmax, weight gradients).
 
     The conv input and output are recomputed from the pooled maps (a small conv)
     rather than saved; saved holds BatchNorm's batch mean and 1/std, or the running
     statistics in eval mode."""
-    save_mean, save_invstd, running = saved
     z, u = _conv(spec, smean, smax, w)
     dt = z.dtype
     grads = {}
     du = ds
-    if w.has_bn:
+    if w.has_bn and bn_batch_stats and group is not None:
+        uhat, invstd, count = saved
+        du, dgamma, dbeta = sync_bn_backward(ds, uhat, invstd, _cast(w.bn_weight, dt), count, group)
+        _store(grads, want, "bn_weight", dgamma, w.bn_weight)
+        _store(grads, want, "bn_bias", dbeta, w.bn_bias)
+    elif w.has_bn:
+        save_mean, save_invstd, running = saved
         gamma = _cast(w.bn_weight, dt)
         rm, rv = (None, None) if running is None else (running[0], running[1])
         du, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(
@@ -165,16 +177,13 @@ def spatial_backward(spec: CBAMSpec, ds, smean, smax, saved, w: CBAMWeights, wan
     return half, half, grads
 
 
-def update_running_stats(w: CBAMWeights, batch, momentum: float, count: int):
-    """nn.BatchNorm2d's running-statistic update: unbiased batch variance, factor momentum.
-
-    Computed in the statistics' dtype and written into the buffers in place.
-    """
+def update_running_stats(w: CBAMWeights, batch, momentum: float):
+    """nn.BatchNorm2d's running-statistic update from batch = (mean, unbiased var), with
+    factor momentum; computed in the statistics' dtype, written into the buffers in place."""
     if batch is None or w.bn_running_mean is None:
         return
     mean, var = batch
     with torch.no_grad():
-        unbiased = var * (count / max(count - 1, 1))
         rm, rv = w.bn_running_mean, w.bn_running_var
         rm.copy_(rm.to(mean.dtype) * (1 - momentum) + mean * momentum)
-        rv.copy_(rv.to(var.dtype) * (1 - momentum) + unbiased * momentum)
+        rv.copy_(rv.to(var.dtype) * (1 - momentum) + var * momentum)

@@ -13,6 +13,7 @@ from torch import nn
 
 from .function import cbam_unchecked
 from .spec import CBAMSpec, CBAMWeights
+from .sync_bn import sync_group
 from .validation import check_inputs
 
 
@@ -57,8 +58,10 @@ class FusedCBAMBase(nn.Module):
         bn = self.spatial_bn()
         bn_training, momentum = bn_mode(bn)
         check_inputs(x, self.spec, w, bn_training, self.channels)
+        group = sync_group(bn)  # SyncBatchNorm in training: global batch statistics
         bn_count_batch(bn)
-        return cbam_unchecked(x, self.spec, w, bn_training=bn_training, bn_momentum=momentum)
+        return cbam_unchecked(x, self.spec, w, bn_training=bn_training, bn_momentum=momentum,
+                              bn_group=group)
 
 
 class _ConvBN(nn.Module):

@@ -155,10 +155,13 @@ def test_report_names_unsupported_and_counts():
     assert "replaced 4" in str(report) and "lp" in str(report)
 
 
-def test_sync_batchnorm_is_left_alone():
+def test_sync_batchnorm_block_is_converted(device):
+    """A SyncBatchNorm in the spatial branch is fused (its statistics are synchronized
+    across processes in tests/test_distributed.py); in one process it is a BatchNorm."""
     model = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(CbamModule(16)))
     model, report = convert(model, return_report=True)
-    assert isinstance(model[0], CbamModule) and "SyncBatchNorm" in report.skipped[0][2]
+    assert isinstance(model[0], FusedTimmCbam) and not report.skipped
+    assert isinstance(model[0].spatial.conv.bn, nn.SyncBatchNorm)
 
 
 def test_state_dict_round_trip_and_shared_tensors():
