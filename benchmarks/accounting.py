@@ -9,17 +9,16 @@ import tempfile
 import torch
 
 from cbam_fused import CBAM, cbam_reference
-from cbam_fused.accounting import TrafficCounter, count_torch_ops
+from cbam_fused.accounting import (TrafficCounter, count_torch_ops, saved_for_backward,
+                                   tensor_bytes)
 
 from report import print_table
 
 
 def _saved_bytes(fn, exclude):
-    ptrs = {t.data_ptr() for t in exclude}
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+    with saved_for_backward(exclude) as saved:
         out = fn()
-    return out, sum(t.numel() * t.element_size() for t in saved if t.data_ptr() not in ptrs)
+    return out, tensor_bytes(saved)
 
 
 def measure(shape=(2, 64, 28, 28), dtype=torch.bfloat16, variant=None):

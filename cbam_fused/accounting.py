@@ -9,7 +9,8 @@ rows), which on a GPU come mostly from L2.
 
 Other device work (the small maps phi and psi, partial-row sums, allocations
 that launch nothing) is counted by `count_torch_ops`, a dispatch-mode tally of
-the aten operators that run outside the Triton kernels.
+the aten operators that run outside the Triton kernels; `saved_for_backward`
+collects what autograd keeps for the backward.
 """
 import collections
 import contextlib
@@ -151,6 +152,27 @@ class _OpCounter(TorchDispatchMode):
         if name not in _NO_KERNEL and not inside_kernel:
             self.ops[name] += 1
         return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def saved_for_backward(exclude=()):
+    """Collect the tensors autograd saves for backward inside the block, leaving out
+    those that share storage with `exclude` (parameters and buffers: saving them
+    allocates nothing)."""
+    ptrs = {t.data_ptr() for t in exclude}
+    saved = []
+
+    def pack(t):
+        if t.data_ptr() not in ptrs:
+            saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield saved
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @contextlib.contextmanager

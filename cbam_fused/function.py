@@ -99,8 +99,8 @@ class CBAMFunction(torch.autograd.Function):
 
     group: the process group of a synchronized (SyncBatchNorm) spatial BatchNorm, or
     None. bn_mean and bn_var are the spatial BatchNorm's batch mean and unbiased
-    variance (empty tensors when not used), returned so the caller updates the running statistics outside
-    the autograd graph; they are not differentiable.
+    variance (empty tensors when not used), returned so the caller updates the running
+    statistics outside the autograd graph; they are not differentiable.
     """
 
     @staticmethod
@@ -158,19 +158,17 @@ def cbam_unchecked(x, spec: CBAMSpec, weights: CBAMWeights, *, bn_training: bool
     cast = autocast_dtype(x)
     if cast is not None and x.dtype == torch.float32:
         x = x.to(cast)
-    if not uses_kernels(x):
-        if bn_group is not None:
-            raise NotImplementedError(
-                "cbam_fused: a synchronized (SyncBatchNorm) spatial BatchNorm needs the fused "
-                "path: CUDA tensors, or CPU tensors with TRITON_INTERPRET=1")
-        if cast is not None:
-            with torch.autocast(x.device.type, enabled=False):
-                return cbam_reference(x, spec, weights, bn_training=bn_training,
-                                      bn_momentum=bn_momentum)
-        return cbam_reference(x, spec, weights, bn_training=bn_training, bn_momentum=bn_momentum)
+    if not uses_kernels(x) and bn_group is not None:
+        raise NotImplementedError(
+            "cbam_fused: a synchronized (SyncBatchNorm) spatial BatchNorm needs the fused "
+            "path: CUDA tensors, or CPU tensors with TRITON_INTERPRET=1")
     bn_batch_stats = bn_training and weights.has_bn
-    with torch.autocast(x.device.type, enabled=False):
-        if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for _, t in weights.tensors())):
+    with torch.autocast(x.device.type, enabled=False):  # x already has the autocast dtype
+        if not uses_kernels(x):
+            return cbam_reference(x, spec, weights, bn_training=bn_training,
+                                  bn_momentum=bn_momentum)
+        needs_grad = x.requires_grad or any(t.requires_grad for _, t in weights.tensors())
+        if torch.is_grad_enabled() and needs_grad:
             out, mean, var = CBAMFunction.apply(x, spec, bn_batch_stats, bn_group, *weights)
             batch = (mean, var) if bn_batch_stats else None
         else:  # no_grad / inference_mode: no autograd node, nothing saved

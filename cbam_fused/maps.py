@@ -110,9 +110,8 @@ def spatial_forward(spec: CBAMSpec, smean, smax, w: CBAMWeights, *, bn_batch_sta
     if bn_batch_stats:
         s, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
             u, gamma, beta, None, None, True, 0.0, spec.bn_eps)
-        var, mean = torch.var_mean(u, dim=(0, 2, 3), correction=0)
-        n = u.numel() // u.shape[1]
-        return s, (save_mean, save_invstd, None), (mean, var * (n / max(n - 1, 1)))
+        unbiased = torch.var(u, dim=(0, 2, 3), correction=1)  # for the running variance
+        return s, (save_mean, save_invstd, None), (save_mean, unbiased)
     running = (w.bn_running_mean.to(dt), w.bn_running_var.to(dt))
     s, _, _ = torch.ops.aten.native_batch_norm(u, gamma, beta, *running, False, 0.0, spec.bn_eps)
     return s, (None, None, torch.stack(running)), None

@@ -27,11 +27,11 @@ def sync_group(bn: Optional[nn.Module]):
     return group if dist.get_world_size(group) > 1 else None
 
 
-def _gather_sum(t: torch.Tensor, group) -> torch.Tensor:
-    """Sum of t over the processes of group, in rank order: [world, *t.shape] -> t.shape."""
+def _gather(t: torch.Tensor, group) -> torch.Tensor:
+    """t from every process of group, stacked in rank order: [world, *t.shape]."""
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, t.contiguous(), group=group)
-    return torch.stack(parts).sum(0)
+    return torch.stack(parts)
 
 
 def global_mean_var(u: torch.Tensor, group):
@@ -43,11 +43,8 @@ def global_mean_var(u: torch.Tensor, group):
     dims = (0, 2, 3)
     n_local = u.numel() // u.shape[1]
     var_l, mean_l = torch.var_mean(u, dim=dims, correction=0)
-    parts = [torch.empty(3, u.shape[1], dtype=u.dtype, device=u.device)
-             for _ in range(dist.get_world_size(group))]
     mine = torch.stack([torch.full_like(mean_l, n_local), mean_l, var_l * n_local])
-    dist.all_gather(parts, mine, group=group)
-    stats = torch.stack(parts)                      # [world, 3, channels]
+    stats = _gather(mine, group)                    # [world, 3, channels]
     counts, means, m2 = stats[:, 0], stats[:, 1], stats[:, 2]
     total = counts.sum(0)
     mean = (counts * means).sum(0) / total
@@ -72,7 +69,7 @@ def sync_bn_backward(ds, uhat, invstd, gamma, count, group):
     dims = (0, 2, 3)
     dbeta = ds.sum(dims)
     dgamma = (ds * uhat).sum(dims)
-    sums = _gather_sum(torch.stack([dbeta, dgamma]), group)
+    sums = _gather(torch.stack([dbeta, dgamma]), group).sum(0)
     mean_dy, mean_dy_uhat = sums[0] / count, sums[1] / count
     scale = invstd if gamma is None else invstd * gamma
     du = (ds - mean_dy.view(1, -1, 1, 1) - uhat * mean_dy_uhat.view(1, -1, 1, 1)) \

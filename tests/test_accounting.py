@@ -9,7 +9,7 @@ O(N*C + N*H*W).
 import pytest
 import torch
 
-from cbam_fused.accounting import TrafficCounter
+from cbam_fused.accounting import TrafficCounter, saved_for_backward, tensor_bytes
 
 from helpers import make_module
 
@@ -26,15 +26,11 @@ def _measure(variant, shape, dtype, layout):
         x = x.to(memory_format=torch.channels_last)
     x.requires_grad_()
     g = torch.randn_like(x)
-    params = {t.data_ptr() for t in list(m.parameters()) + list(m.buffers())}
-    saved = []
-    with TrafficCounter() as fwd:
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            out = m(x)
+    with TrafficCounter() as fwd, saved_for_backward(list(m.parameters()) + list(m.buffers())) as saved:
+        out = m(x)
     with TrafficCounter() as bwd:
         out.backward(g)
-    saved_bytes = sum(t.numel() * t.element_size() for t in saved if t.data_ptr() not in params)
-    return x.numel() * x.element_size(), fwd, bwd, saved_bytes
+    return tensor_bytes([x]), fwd, bwd, tensor_bytes(saved)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])

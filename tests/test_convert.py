@@ -88,26 +88,25 @@ def compare_models(original, make_input, *, dtype, train, device, what, steps_le
             assert_close(f["buffers"][n], r["buffers"][n], dtype, steps_len, f"{what} {n}", p["buffers"][n])
 
 
-# float64 and fp32, train and eval, split over the two networks to bound the interpreter's
-# time (each resnet50 pass runs 16 blocks x 6 Triton launches, program by program).
-@pytest.mark.parametrize("dtype,train", [(torch.float64, True), (torch.float32, False)],
-                         ids=["f64-train", "f32-eval"])
-def test_timm_resnet50_cbam(dtype, train, device):
-    model = timm.create_model("resnet50", block_args=dict(attn_layer="cbam"), num_classes=10)
-    assert sum(isinstance(m, CbamModule) for m in model.modules()) == 16
-    compare_models(model, lambda: torch.randn(2, 3, 32, 32), dtype=dtype, train=train,
-                   device=device, what=f"resnet50-cbam {dtype} train={train}",
-                   steps_len=2 * 256 * 8 * 8, prepare=freeze_outer_batchnorm)
+# (network, attn_layer, block class, blocks, input side, reduction length in the CBAM
+# blocks). float64 and fp32, train and eval, split over the two networks to bound the
+# interpreter's time (each resnet50 pass runs 16 blocks x 6 Triton launches).
+RESNET50_CBAM = ("resnet50", "cbam", CbamModule, 16, 32, 2 * 256 * 8 * 8)
+RESNET18_LCBAM = ("resnet18", "lcbam", LightCbamModule, 8, 48, 2 * 64 * 12 * 12)
 
 
-@pytest.mark.parametrize("dtype,train", [(torch.float32, True), (torch.float64, False)],
-                         ids=["f32-train", "f64-eval"])
-def test_timm_resnet18_lcbam(dtype, train, device):
-    model = timm.create_model("resnet18", block_args=dict(attn_layer="lcbam"), num_classes=10)
-    assert sum(isinstance(m, LightCbamModule) for m in model.modules()) == 8
-    compare_models(model, lambda: torch.randn(2, 3, 48, 48), dtype=dtype, train=train,
-                   device=device, what=f"resnet18-lcbam {dtype} train={train}",
-                   steps_len=2 * 64 * 12 * 12, prepare=freeze_outer_batchnorm)
+@pytest.mark.parametrize("net,dtype,train", [
+    (RESNET50_CBAM, torch.float64, True), (RESNET50_CBAM, torch.float32, False),
+    (RESNET18_LCBAM, torch.float32, True), (RESNET18_LCBAM, torch.float64, False)],
+    ids=["resnet50-cbam-f64-train", "resnet50-cbam-f32-eval", "resnet18-lcbam-f32-train",
+         "resnet18-lcbam-f64-eval"])
+def test_timm_resnets(net, dtype, train, device):
+    name, attn, block, blocks, side, steps_len = net
+    model = timm.create_model(name, block_args=dict(attn_layer=attn), num_classes=10)
+    assert sum(isinstance(m, block) for m in model.modules()) == blocks
+    compare_models(model, lambda: torch.randn(2, 3, side, side), dtype=dtype, train=train,
+                   device=device, what=f"{name}-{attn} {dtype} train={train}",
+                   steps_len=steps_len, prepare=freeze_outer_batchnorm)
 
 
 TIMM_OPTIONS = [dict(mlp_bias=True), dict(rd_ratio=1 / 8), dict(rd_channels=5),

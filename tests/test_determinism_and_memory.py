@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from cbam_fused.accounting import saved_for_backward, tensor_bytes
+
 from helpers import make_module
 
 
@@ -25,20 +27,10 @@ def test_backward_bitwise_deterministic(variant, dtype, device):
 
 def _saved(m, x, params):
     """Bytes of every tensor saved for backward, excluding the module's own parameters
-    and buffers (saving those allocates nothing), and the count of full-size ones."""
-    param_ptrs = {p.data_ptr() for p in params}
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    and buffers (saving those allocates nothing), and the full-size ones."""
+    with saved_for_backward(params) as saved:
         out = m(x)
-    activ = [t for t in saved if t.data_ptr() not in param_ptrs]
-    nbytes = sum(t.numel() * t.element_size() for t in activ)
-    full = [t for t in activ if t.numel() >= x.numel()]
-    return out, nbytes, full
+    return out, tensor_bytes(saved), [t for t in saved if t.numel() >= x.numel()]
 
 
 @pytest.mark.parametrize("variant", ["official", "timm", "no_spatial"])
@@ -62,11 +54,9 @@ def test_saved_for_backward_is_x_plus_small(variant, layout, device):
 def test_no_grad_forward_saves_nothing(ctx, device):
     m = make_module("official", 16, device)
     x = torch.randn(2, 16, 5, 5, device=device, requires_grad=True)
-    saved = []
     manager = torch.no_grad() if ctx == "no_grad" else torch.inference_mode()
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        with manager:
-            out = m(x)
+    with saved_for_backward() as saved, manager:
+        out = m(x)
     assert saved == []
     assert out.grad_fn is None
 
@@ -78,9 +68,6 @@ def test_eager_saves_more(device):
     x = torch.randn(2, 32, 12, 12, device=device, requires_grad=True)
     params = list(m.parameters()) + list(m.buffers())
     _, fused_bytes, _ = _saved(m, x, params)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+    with saved_for_backward(params) as saved:
         cbam_reference(x, m.spec, m.fused_weights(), bn_training=True, bn_momentum=0.01)
-    ptrs = {p.data_ptr() for p in params}
-    eager = sum(t.numel() * t.element_size() for t in saved if t.data_ptr() not in ptrs)
-    assert eager >= fused_bytes + x.numel() * x.element_size()
+    assert tensor_bytes(saved) >= fused_bytes + tensor_bytes([x])
