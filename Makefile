@@ -1,6 +1,7 @@
 # Two entry points (README): `make run` (the main job) and `make test` (the test suite).
 # Both create .venv and install the pinned requirements into it first.
-# `make gpu-report` is for a GPU machine that already has torch and triton (no venv, no network).
+# `make gpu-check` and `make gpu-report` are for a GPU machine that already has torch, triton
+# and pytest (no venv, no network).
 
 PYTHON ?= python3
 VENV   := .venv
@@ -8,7 +9,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 JOBS   ?= 2
 
-.PHONY: setup run test test-long aot gpu-report clean
+.PHONY: setup run test test-long aot gpu-check gpu-report clean
 
 $(STAMP): requirements.txt requirements-dev.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +33,11 @@ test-long: $(STAMP)
 aot: $(STAMP)
 	$(PY) -m cbam_fused.aot
 
-# On a GPU machine: CUDA test suite + benchmark report into benchmarks/results/<gpu>/.
+# On a GPU machine: CUDA test suite + short benchmark, one-screen summary, logs in $OUT (< 6 min).
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
+# On a GPU machine: CUDA test suite + full benchmark report into benchmarks/results/<gpu>/.
 gpu-report:
 	bash benchmarks/gpu_report.sh
 

@@ -1,4 +1,12 @@
-"""cbam_fused: host code in cbam_fused/, Triton device code in kernels/ (installed as cbam_fused.kernels)."""
+"""cbam_fused: host code in cbam_fused/, Triton device code in kernels/ (installed as cbam_fused.kernels).
+
+Supported and tested versions (README, "Versions"):
+- torch 2.14.1 with triton 3.8.0: the pins of requirements.txt; CI runs the CPU suite on them.
+- torch 2.11.0 with triton 3.6.0: the GPU machine image; the CUDA suite (make gpu-check) and
+  the CPU suite run on them. The CPU suite there needs numpy < 2.4 (triton 3.6's interpreter
+  converts one-element arrays with int(), which numpy 2.4 rejects).
+Older releases are not tested and not claimed.
+"""
 from setuptools import setup
 
 setup(
@@ -8,5 +16,5 @@ setup(
     packages=["cbam_fused", "cbam_fused.kernels"],
     package_dir={"cbam_fused": "cbam_fused", "cbam_fused.kernels": "kernels"},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "triton>=3.0"],
+    install_requires=["torch>=2.11", "triton>=3.6"],
 )

@@ -8,7 +8,13 @@ whether the contiguous dimension is read and written 16 bytes at a time.
 
 Builds use the specialization a real launch of a typical shape gets: 16-byte
 aligned pointers and plane sizes divisible by 16 (Triton specializes integer
-arguments on divisibility by 16 at launch).
+arguments on divisibility by 16 at launch). A launch also turns every integer
+argument equal to 1 into a compile-time constant (a plain int inside the kernel):
+C = 1, H*W = 1, a single block or a single split. So each configuration is built
+once more with every such integer set to 1 together, and once with each alone set
+to 1. Integers are handled the same whatever the tile width and the I/O dtype, so
+these builds take one tile width, fp32 I/O (all subsets) and fp64 (all ones: its
+accumulation casts differ).
 """
 import dataclasses
 import functools
@@ -31,6 +37,8 @@ _TL_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"
             torch.float64: "fp64"}
 # Arguments specialized as divisible by 16 (pointers are aligned, plane sizes typical).
 _DIVISIBLE_INTS = {"R", "K", "C", "P", "k_per_split", "c_per_split"}
+# Integer arguments that are never 1 (multiples of a block of at least 32).
+_NEVER_ONE = {"k_per_split", "c_per_split"}
 
 # H100 SM limits, for the theoretical occupancy column.
 SM_REGS, SM_MAX_WARPS, SM_MAX_BLOCKS, SM_SMEM = 65536, 64, 32, 228 * 1024
@@ -42,11 +50,39 @@ class Build:
     kernel: object
     dtype: torch.dtype
     constexprs: tuple  # sorted (name, value) pairs
+    ones: tuple = ()   # integer arguments equal to 1, specialized into constants
 
     @property
     def name(self):
         flags = ",".join(f"{k}={_short(v)}" for k, v in self.constexprs if k != "ACC_DTYPE")
-        return f"{self.kernel.fn.__name__}[{_TL_NAME[self.dtype]}|{flags}]"
+        ones = f"|{','.join(self.ones)}=1" if self.ones else ""
+        return f"{self.kernel.fn.__name__}[{_TL_NAME[self.dtype]}|{flags}{ones}]"
+
+
+def int_args(kernel):
+    """The integer (non-pointer, non-constexpr) arguments of a kernel."""
+    cx = {p.name for p in kernel.params if p.is_constexpr}
+    return [n for n in kernel.arg_names if not n.endswith("_ptr") and n not in cx]
+
+
+def _with_ones(builds):
+    """Builds with integer arguments equal to 1 (see the module docstring): for fp32 I/O,
+    every integer that can be 1 set to 1 together and each alone; for fp64, all together.
+    One tile width per kernel and flag set."""
+    out, seen = [], set()
+    for b in builds:
+        if b.dtype not in (torch.float32, torch.float64):
+            continue
+        flags = tuple((k, v) for k, v in b.constexprs if not k.startswith("BLOCK_"))
+        if (b.kernel, b.dtype, flags) in seen:
+            continue
+        seen.add((b.kernel, b.dtype, flags))
+        can_be_one = [n for n in int_args(b.kernel) if n not in _NEVER_ONE]
+        subsets = [tuple(can_be_one)]
+        if b.dtype == torch.float32:
+            subsets += [(n,) for n in can_be_one if len(can_be_one) > 1]
+        out += [dataclasses.replace(b, ones=s) for s in subsets]
+    return out
 
 
 def _short(v):
@@ -107,7 +143,7 @@ def launch_configs(dtypes=DTYPES):
         while s <= L.MAX_SPLITS:
             add(_combine_stats_kernel, dtype, BLOCK_R=max(1, L.TILE_ELEMENTS // s), BLOCK_S=s)
             s *= 2
-    return builds
+    return builds + _with_ones(builds)
 
 
 def compile_build(build: Build, arch: int):
@@ -117,6 +153,7 @@ def compile_build(build: Build, arch: int):
 
     kernel = build.kernel
     cx = dict(build.constexprs)
+    cx.update({name: 1 for name in build.ones})
     ptrs = _pointer_types(kernel, build.dtype)
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
@@ -169,7 +206,7 @@ def build_report(build: Build, arch: int) -> dict:
     k = compile_build(build, arch)
     ptx = k.asm["ptx"]
     regs, spill_st, spill_ld = ptxas_report(ptx, arch)
-    return dict(name=build.name, arch=arch, regs=regs, spill_stores=spill_st,
+    return dict(name=build.name, arch=arch, ones=list(build.ones), regs=regs, spill_stores=spill_st,
                 spill_loads=spill_ld, smem=k.metadata.shared,
                 occupancy=occupancy(regs, k.metadata.shared),
                 v4_loads=len(re.findall(r"ld\.global(\.\w+)*\.v4", ptx)),

@@ -96,8 +96,9 @@ def spatial_forward(spec: CBAMSpec, smean, smax, w: CBAMWeights, *, bn_batch_sta
     statistics (over every process of `group` when one is given: SyncBatchNorm), and
     batch = (mean, unbiased var) for the running-statistic update; otherwise by the
     running statistics, and batch is None. Unsynchronized BatchNorm runs as aten's
-    native_batch_norm (and its backward below), the kernels nn.BatchNorm2d's autograd
-    uses, so the rounding of an ill-conditioned batch matches plain PyTorch.
+    native_batch_norm, the kernel nn.BatchNorm2d uses, so the rounding of an
+    ill-conditioned batch matches plain PyTorch; the backward uses aten's kernel for
+    batch statistics and a written-out affine map in eval mode (_eval_bn_backward).
     """
     z, u = _conv(spec, smean, smax, w)
     dt = z.dtype
@@ -146,18 +147,19 @@ def spatial_backward(spec: CBAMSpec, ds, smean, smax, saved, w: CBAMWeights, wan
         du, dgamma, dbeta = sync_bn_backward(ds, uhat, invstd, _cast(w.bn_weight, dt), count, group)
         _store(grads, want, "bn_weight", dgamma, w.bn_weight)
         _store(grads, want, "bn_bias", dbeta, w.bn_bias)
-    elif w.has_bn:
-        save_mean, save_invstd, running = saved
+    elif w.has_bn and bn_batch_stats:
+        save_mean, save_invstd, _ = saved
         gamma = _cast(w.bn_weight, dt)
-        rm, rv = (None, None) if running is None else (running[0], running[1])
         du, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(
-            ds, u, gamma, rm, rv, save_mean, save_invstd, bn_batch_stats, spec.bn_eps,
+            ds, u, gamma, None, None, save_mean, save_invstd, True, spec.bn_eps,
             [True, gamma is not None and "bn_weight" in want,
              w.bn_bias is not None and "bn_bias" in want])
         if dgamma is not None:
             _store(grads, want, "bn_weight", dgamma, w.bn_weight)
         if dbeta is not None:
             _store(grads, want, "bn_bias", dbeta, w.bn_bias)
+    elif w.has_bn:
+        du = _eval_bn_backward(ds, u, saved[2], w, want, grads, spec.bn_eps)
     weight = w.conv_weight.to(dt)
     pad = spec.kernel_size // 2
     bias_sizes = [1] if w.conv_bias is not None else None
@@ -174,6 +176,25 @@ def spatial_backward(spec: CBAMSpec, ds, smean, smax, saved, w: CBAMWeights, wan
         return dz[:, 0:1], dz[:, 1:2], grads
     half = 0.5 * dz
     return half, half, grads
+
+
+def _eval_bn_backward(ds, u, running, w: CBAMWeights, want, grads, eps: float):
+    """Backward of eval-mode BatchNorm, s = (u - rm) * invstd * gamma + beta with
+    invstd = 1/sqrt(rv + eps) fixed: an affine map of u, so du = ds * gamma * invstd,
+    dgamma = sum(ds * (u - rm) * invstd), dbeta = sum(ds).
+
+    Written out rather than through aten's native_batch_norm_backward, whose CUDA
+    kernel requires batch statistics (save_mean, save_invstd) even in eval mode."""
+    rm, rv = running[0], running[1]
+    invstd = torch.rsqrt(rv + eps)
+    gamma = _cast(w.bn_weight, ds.dtype)
+    scale = invstd if gamma is None else gamma * invstd
+    dims = (0, 2, 3)
+    if "bn_weight" in want:
+        _store(grads, want, "bn_weight", (ds * ((u - rm) * invstd)).sum(dims), w.bn_weight)
+    if "bn_bias" in want:
+        _store(grads, want, "bn_bias", ds.sum(dims), w.bn_bias)
+    return ds * scale
 
 
 def update_running_stats(w: CBAMWeights, batch, momentum: float):

@@ -41,10 +41,25 @@ def check_inputs(x, spec: CBAMSpec, w: CBAMWeights, bn_training: bool, channels=
                          f"use eval mode or a larger batch")
 
 
+def _has_shape(t, shape) -> bool:
+    """t.shape == shape, compared size by size: under torch.compile with dynamic shapes
+    the expected sizes can be symbolic, which tuple membership does not trace."""
+    if t.dim() != len(shape):
+        return False
+    for have, want in zip(t.shape, shape):
+        if have != want:
+            return False
+    return True
+
+
 def _expect(name, t, shapes):
-    if t is not None and _shape(t) not in shapes:
-        want = " or ".join(str(s) for s in shapes)
-        raise ValueError(f"CBAM parameter {name} has shape {_shape(t)}, expected {want}")
+    if t is None:
+        return
+    for shape in shapes:
+        if _has_shape(t, shape):
+            return
+    want = " or ".join(str(s) for s in shapes)
+    raise ValueError(f"CBAM parameter {name} has shape {_shape(t)}, expected {want}")
 
 
 def _check_weight_shapes(C: int, spec: CBAMSpec, w: CBAMWeights):

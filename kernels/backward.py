@@ -102,7 +102,7 @@ def _bwd_spatial_pool_kernel(
     mask_c = offs_c < C
     base = n.to(tl.int64) * C * P
     row = n.to(tl.int64) * P
-    inv_c = 1.0 / C.to(ACC_DTYPE)
+    inv_c = 1.0 / tl.cast(C, ACC_DTYPE)  # tl.cast: C may arrive as a plain int (see plane.py)
     if AMAX:
         ca = tl.load(ca_ptr + n.to(tl.int64) * C + offs_c, mask=mask_c, other=0.0)
     acc = tl.zeros([BLOCK_C, BLOCK_P], ACC_DTYPE)
@@ -153,8 +153,8 @@ def _bwd_input_kernel(
 ):
     """dx = (g*sa + dsmean/C + dsmax*e_k) * ca + davg/P + dmx*e_j"""
     pid = tl.program_id(0)
-    inv_c = 1.0 / C.to(ACC_DTYPE)  # one division per program, not per element
-    inv_p = 1.0 / P.to(ACC_DTYPE)
+    inv_c = 1.0 / tl.cast(C, ACC_DTYPE)  # one division per program, not per element
+    inv_p = 1.0 / tl.cast(P, ACC_DTYPE)
     if P_CONTIG:
         pb = pid % num_p_blocks
         cb = (pid // num_p_blocks) % num_c_blocks

@@ -10,6 +10,13 @@ so one kernel body serves NCHW and channels_last without a copy:
 For the channel view of NCHW (R = C, K = H*W) K is contiguous; for the same view
 of channels_last, R is. Offsets are int64 because one tensor may hold more than
 2**31 elements (64 x 256 x 384 x 384).
+
+Integer arguments: the compiler turns an integer argument equal to 1 (C = 1, H*W = 1,
+one block, one split) into a compile-time constant, a plain Python int inside the
+kernel, while the interpreter passes every integer as a tensor. Kernel code must work
+both ways: `tl.cast(C, dtype)`, never `C.to(dtype)`; arithmetic and comparisons with
+tensors are fine. The CPU suite runs the interpreter with that specialization
+(tests/cuda_preconditions.py) and the ahead-of-time builds include it (aot.py).
 """
 import triton
 import triton.language as tl

@@ -1,7 +1,11 @@
 """Test device selection. Default: CPU tensors with the Triton kernels in the interpreter.
 
 CBAM_TEST_DEVICE=cuda runs the same tests on a GPU with compiled kernels
-(`make gpu-report`). The interpreter flag must be set before triton is imported.
+(`make gpu-check`). The interpreter flag must be set before triton is imported.
+
+On the CPU the interpreter is made to behave like the compiler where the first GPU
+run showed they differ (tests/cuda_preconditions.py): integer arguments equal to 1
+arrive in the kernel as plain ints, as compile-time constants do.
 """
 import os
 
@@ -11,6 +15,11 @@ if DEVICE == "cpu":
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if DEVICE == "cpu":
+    from cuda_preconditions import specialize_ones_like_the_compiler  # noqa: E402
+
+    specialize_ones_like_the_compiler()
 
 
 @pytest.fixture

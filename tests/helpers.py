@@ -1,10 +1,12 @@
 """Shared test helpers: the variants under test, float64 reference runs, tolerances."""
+import contextlib
 import copy
 import math
 
 import torch
 
 from cbam_fused import CBAM, cbam_reference
+from cuda_preconditions import CudaArgumentChecks
 
 # Module options for each CBAM variant of DESIGN.md section 2, built with cbam_fused.CBAM.
 VARIANTS = {
@@ -80,6 +82,12 @@ def bn_args(module):
     return bn.training, bn.momentum
 
 
+def cuda_argument_checks(device):
+    """On CPU, raise where a CUDA kernel would reject the arguments (cuda_preconditions.py);
+    on CUDA the real kernels check."""
+    return CudaArgumentChecks() if torch.device(device).type == "cpu" else contextlib.nullcontext()
+
+
 def run_pair(module, x, grad_out=None):
     """Fused forward+backward on (module, x), the float64 reference on copies, and the
     reference in fp32 arithmetic ('ref32', for the conditioning term of assert_close).
@@ -94,9 +102,11 @@ def run_pair(module, x, grad_out=None):
     bn_training, momentum = bn_args(module)
 
     xf = x.detach().clone().requires_grad_()
-    out = module(xf)
+    with cuda_argument_checks(x.device):
+        out = module(xf)
     g = torch.randn_like(out) if grad_out is None else grad_out
-    out.backward(g)
+    with cuda_argument_checks(x.device):
+        out.backward(g)
 
     xr = x.detach().cpu().double().requires_grad_()
     out_r = cbam_reference(xr, ref_module.spec, ref_module.fused_weights(),
@@ -124,6 +134,9 @@ def check_pair(res, io_dtype, x_shape, what=""):
     assert_close(f["out"], r["out"], io_dtype, L_fwd, f"{what} out", r32["out"])
     assert_close(f["dx"], r["dx"], io_dtype, L_fwd * 4, f"{what} dx", r32["dx"])
     for n in r["grads"]:
+        if r["grads"][n] is None:  # a frozen parameter
+            assert f["grads"][n] is None, f"{what} a gradient for frozen {n}"
+            continue
         assert f["grads"][n] is not None, f"{what} no grad for {n}"
         # parameter grads: reductions over N*C*H*W; stored in the parameter dtype (fp32/fp64)
         assert_close(f["grads"][n], r["grads"][n], io_dtype, N * C * H * W * 4,

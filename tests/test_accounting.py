@@ -10,8 +10,15 @@ import pytest
 import torch
 
 from cbam_fused.accounting import TrafficCounter, saved_for_backward, tensor_bytes
+from cbam_fused.function import triton_interpreter_active
 
 from helpers import make_module
+
+pytestmark = pytest.mark.skipif(
+    not triton_interpreter_active(),
+    reason="counts the loads and stores of the Triton interpreter; this run compiles the "
+           "kernels (CBAM_TEST_DEVICE=cuda), where `make gpu-check` counts CUDA kernels with "
+           "torch.profiler instead")
 
 # Every variant, dtype and layout on one shape; odd and lopsided shapes on the default variant.
 CASES = ([(v, (2, 40, 12, 12), d) for v in ("official", "timm", "ultralytics", "no_spatial")

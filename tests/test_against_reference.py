@@ -2,7 +2,10 @@
 of the fused block against the float64 reference, per variant, dtype, layout and shape."""
 import pytest
 import torch
+import triton
+import triton.language as tl
 
+from cuda_preconditions import ones_are_specialized
 from helpers import VARIANTS, check_pair, make_module, run_pair
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -34,6 +37,32 @@ def test_variant_dtype_layout(variant, dtype, layout, device):
     check_pair(res, dtype, shape, f"{variant}/{dtype}/{layout}")
 
 
+@triton.jit
+def _to_method_probe_kernel(out_ptr, K):
+    tl.store(out_ptr, 1.0 / K.to(tl.float32))  # the pattern that broke on the GPU
+
+
+@triton.jit
+def _cast_probe_kernel(out_ptr, K):
+    tl.store(out_ptr, 1.0 / tl.cast(K, tl.float32))  # the pattern the kernels use
+
+
+def test_integers_equal_to_one_arrive_as_constants(device):
+    """The small-dimension cases below exercise what the compiler does with an integer
+    argument equal to 1 (a compile-time constant, a plain int in the kernel): on the
+    CPU the interpreter is made to do the same, so a kernel that calls a tensor method
+    on such an argument fails here as it fails to compile on a GPU."""
+    out = torch.zeros(1, device=device)
+    if device.type == "cpu":
+        assert ones_are_specialized()
+    with pytest.raises(Exception, match="has no attribute 'to'"):
+        _to_method_probe_kernel[(1,)](out, 1)
+    _to_method_probe_kernel[(1,)](out, 4)  # a runtime integer has the method
+    assert float(out) == 0.25
+    _cast_probe_kernel[(1,)](out, 1)
+    assert float(out) == 1.0
+
+
 SHAPES = [(n, c, h, w) for n in (1, 3) for c in (1, 3, 17, 64)
           for (h, w) in ((1, 1), (7, 7), (5, 9), (13, 17))]
 
@@ -49,8 +78,30 @@ def test_shapes(shape, variant, layout, device):
     check_pair(run_pair(m, x), torch.float32, shape, f"{variant}/{shape}/{layout}")
 
 
-@pytest.mark.parametrize("variant", ["official", "timm_light", "ultralytics"])
-def test_eval_mode(variant, device):
+BN_VARIANTS = [v for v, opts in VARIANTS.items()
+               if opts.get("spatial_pool", "max,mean") is not None and opts.get("spatial_bn", True)]
+
+
+@pytest.mark.parametrize("frozen_bn", [False, True], ids=["bn_trainable", "bn_frozen"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("variant", BN_VARIANTS)
+def test_eval_mode_with_gradients(variant, layout, frozen_bn, device):
+    """Fine-tuning with the spatial BatchNorm in eval mode (running statistics), gradients
+    on: the most common way a pretrained detector is trained. On the CPU, run_pair
+    raises where CUDA's kernels would reject an argument (tests/cuda_preconditions.py)."""
+    assert BN_VARIANTS == ["official", "timm", "timm_light"]
+    shape = (3, 17, 5, 9)
+    m = make_module(variant, shape[1], device, train=False)
+    if frozen_bn:
+        m.SpatialGate.spatial.bn.requires_grad_(False)
+    res = run_pair(m, make_input(shape, torch.float32, layout, device))
+    check_pair(res, torch.float32, shape, f"eval {variant} {layout}")
+    bn_grad = res["fused"]["grads"]["SpatialGate.spatial.bn.weight"]
+    assert (bn_grad is None) == frozen_bn
+
+
+@pytest.mark.parametrize("variant", ["ultralytics", "no_spatial"])
+def test_eval_mode_without_batchnorm(variant, device):
     shape = (3, 17, 5, 9)
     m = make_module(variant, shape[1], device, train=False)
     check_pair(run_pair(m, make_input(shape, torch.float32, "nchw", device)),

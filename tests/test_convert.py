@@ -14,8 +14,26 @@ from helpers import UNIT_ROUNDOFF, assert_close
 from official_cbam import CBAM as OfficialCBAM
 
 timm = pytest.importorskip("timm")
-ultralytics_conv = pytest.importorskip("ultralytics.nn.modules.conv")
 from timm.layers.cbam import CbamModule, LightCbamModule  # noqa: E402
+
+
+def ultralytics_cbam():
+    """ultralytics' CBAM class; tests that need it skip where ultralytics is not installed
+    (the GPU machine image has none), and the rest of this file still runs."""
+    conv = pytest.importorskip("ultralytics.nn.modules.conv",
+                               reason="ultralytics is not installed")
+    return conv.CBAM
+
+
+def source_cbam_classes():
+    """Every CBAM class convert() replaces, that is installed here."""
+    classes = [CbamModule, LightCbamModule, OfficialCBAM]
+    try:
+        from ultralytics.nn.modules.conv import CBAM as UltralyticsCBAM
+        classes.append(UltralyticsCBAM)
+    except ImportError:
+        pass
+    return tuple(classes)
 
 
 def randomize(model):
@@ -68,8 +86,7 @@ def compare_models(original, make_input, *, dtype, train, device, what, steps_le
     ref64 = copy.deepcopy(original).double().to(device)
     plain = copy.deepcopy(original).to(dtype=dtype, device=device)
     fused = convert(copy.deepcopy(original).to(dtype=dtype, device=device))
-    assert not any(isinstance(m, (CbamModule, LightCbamModule, OfficialCBAM,
-                                  ultralytics_conv.CBAM)) for m in fused.modules())
+    assert not any(isinstance(m, source_cbam_classes()) for m in fused.modules())
     x = make_input().to(device)
     g = torch.randn(ref64(x.double()).shape, dtype=torch.float64, device=device)
     ref64 = copy.deepcopy(original).double().to(device)  # fresh BN state
@@ -126,7 +143,7 @@ def test_timm_module_options(opts, light, device):
 @pytest.mark.parametrize("kernel_size", [3, 7])
 @pytest.mark.parametrize("train", [True, False])
 def test_ultralytics_cbam(kernel_size, train, device):
-    compare_models(nn.Sequential(ultralytics_conv.CBAM(24, kernel_size)),
+    compare_models(nn.Sequential(ultralytics_cbam()(24, kernel_size)),
                    lambda: torch.randn(2, 24, 9, 8), dtype=torch.float32, train=train,
                    device=device, what=f"ultralytics k={kernel_size}", steps_len=24 * 72)
 
@@ -142,7 +159,7 @@ def test_official_cbam(opts, train, device):
 
 def test_report_names_unsupported_and_counts():
     model = nn.Sequential(CbamModule(32), OfficialCBAM(32, 4, pool_types=("avg", "lp")),
-                          ultralytics_conv.CBAM(32, 7), OfficialCBAM(32, 4),
+                          ultralytics_cbam()(32, 7), OfficialCBAM(32, 4),
                           nn.Sequential(LightCbamModule(32)))
     model, report = convert(model, return_report=True)
     assert [type(m) for m in model][:4] == [FusedTimmCbam, OfficialCBAM, FusedUltralyticsCBAM,
@@ -180,9 +197,11 @@ def test_state_dict_round_trip_and_shared_tensors():
 
 
 def test_sgd_steps_track_original(device):
+    UltralyticsCBAM = ultralytics_cbam()
+
     def net():
         return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), CbamModule(16),
-                             nn.Conv2d(16, 16, 3, padding=1), ultralytics_conv.CBAM(16, 3),
+                             nn.Conv2d(16, 16, 3, padding=1), UltralyticsCBAM(16, 3),
                              OfficialCBAM(16, 4), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                              nn.Linear(16, 5))
     torch.manual_seed(3)
@@ -206,7 +225,7 @@ def test_sgd_steps_track_original(device):
 def test_ties_follow_the_source(kind, device):
     """After a ReLU whole channels are zero: timm splits the max gradient among ties
     (amax), ultralytics and the official code give it to the first maximum."""
-    block = {"timm": lambda: CbamModule(16), "ultralytics": lambda: ultralytics_conv.CBAM(16, 7),
+    block = {"timm": lambda: CbamModule(16), "ultralytics": lambda: ultralytics_cbam()(16, 7),
              "official": lambda: OfficialCBAM(16, 4)}[kind]()
 
     def make():
@@ -218,7 +237,7 @@ def test_ties_follow_the_source(kind, device):
 
 
 def test_deterministic_algorithms(device):
-    model = convert(nn.Sequential(CbamModule(16), OfficialCBAM(16, 4), ultralytics_conv.CBAM(16)))
+    model = convert(nn.Sequential(CbamModule(16), OfficialCBAM(16, 4), ultralytics_cbam()(16)))
     model.to(device)
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# `make gpu-check`: one prepared command for a machine with a GPU and torch/triton already
+# installed (no network, no venv). Installs the package with --no-deps, runs the whole test
+# suite on CUDA tensors in parallel, then the short benchmark (benchmarks/gpu_quick.py),
+# and prints a one-screen summary. Under 6 minutes on an H100/H200.
+# Logs go to $OUT when it is set (the device tool's machine), else benchmarks/results/gpu-check/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+LOGS="${OUT:-benchmarks/results/gpu-check}"
+mkdir -p "$LOGS"
+export PYTHONUNBUFFERED=1
+JOBS="${JOBS:-8}"
+
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$LOGS/install.log" 2>&1 \
+    || { echo "pip install -e . failed (see install.log); using PYTHONPATH"; export PYTHONPATH="$PWD"; }
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    python3 -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)"
+} >"$LOGS/gpu.txt" 2>&1
+
+start=$(date +%s)
+CBAM_TEST_DEVICE=cuda timeout 270 python3 -m pytest tests -q -n "$JOBS" -p no:cacheprovider \
+    --timeout 150 -rfEs >"$LOGS/cuda_tests.log" 2>&1
+tests_rc=$?
+tests_s=$(( $(date +%s) - start ))
+
+timeout 150 python3 benchmarks/gpu_quick.py --out "$LOGS" >"$LOGS/bench.log" 2>&1
+bench_rc=$?
+
+echo "== gpu-check: $(head -n 2 "$LOGS/gpu.txt" | paste -sd ' ' -)"
+echo "== CUDA suite (rc $tests_rc, ${tests_s} s):"
+grep -E "^(FAILED|ERROR)" "$LOGS/cuda_tests.log" | cut -c1-160 | head -n 15
+grep -E "^SKIPPED" "$LOGS/cuda_tests.log" | cut -c1-160 | sort | uniq | head -n 8
+tail -n 1 "$LOGS/cuda_tests.log"
+echo "== benchmark (rc $bench_rc):"
+tail -n 12 "$LOGS/bench.log"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
