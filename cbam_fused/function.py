@@ -1,23 +1,32 @@
 """The fused CBAM block as one torch.autograd.Function, and the functional entry point.
 
-Forward (DESIGN.md section 4): F1 channel stats, phi, F2 spatial stats of x*ca,
-psi, F3 out = x*ca*sa: three passes over x, 4|x| of traffic.
-Backward (section 5): B1, B2, B3, 5|x| of traffic; phi and psi have hand-written
-backwards (maps.py) on their small saved intermediates.
-Saved for backward: x, plus O(N*C + N*H*W) statistics (never y = x*ca).
-
-Everything here is traceable by torch.compile (fullgraph): the big passes are the
-registered ops of ops.py, the rest are aten ops, there is no host synchronization and
-no allocation whose size depends on data, so CUDA graphs can capture it too.
+Forward (DESIGN.md sections 4 and 8), five launches:
+    F1   channel statistics of x, split partials            (pool_stats.py)
+    phi  combine, MLP, sigmoid -> ca                         (channel_gate.py)
+    F2   spatial statistics of x*ca, split partials          (pool_stats.py)
+    psi  combine, k x k conv, BatchNorm moments or sa        (spatial_gate.py)
+    F3   [BatchNorm finalize ->] sa, out = x*ca*sa           (gate_apply.py)
+Backward (section 5), seven launches:
+    B1   Gs and Gc1 partials                                 (backward.py)
+    psi  ds and BatchNorm sums; then du, dsmean, dsmax, conv gradient rows (spatial_gate.py)
+    B2   Gc2                                                 (backward.py)
+    phi  dlogits, dh, davg, dmx                              (channel_gate.py)
+    W    every parameter gradient                            (weight_grads.py)
+    B3   dx                                                  (backward.py)
+4|x| of big-tensor traffic forward, 5|x| backward; everything else works on N x C and
+N x H x W rows in one saved workspace (kept for the backward, with x) and one scratch
+workspace per direction. No torch op launches device work between the kernels; there is
+no host synchronization and no allocation whose size depends on data, so CUDA graphs
+can capture a call. A SyncBatchNorm adds one small kernel and one all_gather per
+direction (sync_bn.py).
 """
 import os
 
 import torch
 
 from . import launchers as L
-from .maps import (channel_backward, channel_forward, spatial_backward, spatial_forward,
-                   update_running_stats)
 from .ops import passes
+from .plan import block_plan, carve, layout_size, sm_count
 from .reference import cbam_reference
 from .spec import NUM_TENSOR_FIELDS, CBAMSpec, CBAMWeights
 from .validation import check_inputs
@@ -41,95 +50,128 @@ def autocast_dtype(x: torch.Tensor):
     return torch.get_autocast_dtype(kind)
 
 
-def fused_forward(x, spec: CBAMSpec, w: CBAMWeights, bn_batch_stats: bool, group=None):
-    """The forward passes. Returns (out, saved, batch): saved holds what the backward
-    needs (x plus O(N*C + N*H*W) statistics), batch the spatial BatchNorm's batch
-    (mean, var) for the running-statistic update, or None."""
-    ops = passes()
+def plan_for(x: torch.Tensor, spec: CBAMSpec, w: CBAMWeights, p_contig: bool):
+    """The cached launch plan of this call (plan.py)."""
     N, C, H, W = x.shape
-    P = H * W
-    xd, p_contig = L.dense_layout(x)
-    csum, cmax, cidx, ccnt = ops.channel_stats(xd, p_contig)
-    avg = csum / P
-    logits, h = channel_forward(spec, avg, cmax, w)
-    ca = torch.sigmoid(logits)
-    sa = smean = smax = sidx = scnt = batch = None
-    sp_saved = (None,) * 3
-    if spec.has_spatial:
-        ssum, smax, sidx, scnt = ops.spatial_stats(xd, ca, p_contig)
-        smean = ssum / C
-        u, sp_saved, batch = spatial_forward(spec, smean.view(N, 1, H, W),
-                                             smax.view(N, 1, H, W), w,
-                                             bn_batch_stats=bn_batch_stats, group=group)
-        sa = torch.sigmoid(u).view(N, P)
-    out = ops.gate_apply(xd, ca, sa, p_contig)
-    saved = (xd, ca, sa, avg, cmax, cidx, ccnt, h, smean, smax, sidx, scnt, *sp_saved)
-    return out, (saved, p_contig), batch
+    two_layers = w.fc2_weight is not None
+    hidden = w.fc1_weight.shape[0] if two_layers else C
+    return block_plan(N, C, H, W, hidden, two_layers, spec.has_spatial, p_contig, x.dtype,
+                      sm_count(x.device))
 
 
-def fused_backward(g, spec: CBAMSpec, w: CBAMWeights, saved, p_contig: bool,
-                   bn_batch_stats: bool, want, need_dx: bool, group=None):
-    """The backward passes: (dx or None, {weight field: gradient})."""
-    ops = passes()
-    (xd, ca, sa, avg, cmax, cidx, ccnt, h, smean, smax, sidx, scnt, *sp_saved) = saved
-    N, C, H, W = xd.shape
+def _saved_views(plan, saved_acc, saved_i32):
+    views = carve(saved_acc, plan.saved_acc_layout())
+    views.update(carve(saved_i32, plan.saved_i32_layout()))
+    return views
+
+
+def fused_forward(xd, p_contig: bool, spec: CBAMSpec, w: CBAMWeights, bn_batch_stats: bool,
+                  momentum: float, group=None):
+    """The five forward launches on xd (dense in the layout p_contig says).
+
+    Returns (out, saved_acc, saved_i32): the two saved workspaces hold what the backward
+    needs besides x (pooled statistics, gates, conv output, BatchNorm statistics)."""
+    plan = plan_for(xd, spec, w, p_contig)
+    f = L.flags_of(spec, w, bn_batch_stats)
+    dev, acc = xd.device, plan.acc
+    saved_acc = torch.empty(layout_size(plan.saved_acc_layout()), device=dev, dtype=acc)
+    saved_i32 = torch.empty(layout_size(plan.saved_i32_layout()), device=dev, dtype=torch.int32)
+    scratch_acc = torch.empty(layout_size(plan.fwd_scratch_acc_layout()), device=dev, dtype=acc)
+    scratch_i32 = torch.empty(layout_size(plan.fwd_scratch_i32_layout()), device=dev,
+                              dtype=torch.int32)
+    s = _saved_views(plan, saved_acc, saved_i32)
+    t = carve(scratch_acc, plan.fwd_scratch_acc_layout())
+    t.update(carve(scratch_i32, plan.fwd_scratch_i32_layout()))
+    N, C, P = plan.N, plan.C, plan.P
+
+    L.pool_stats_partials(xd, C, P, p_contig, plan.f1,
+                          outs=(t["f1_sum"], t["f1_max"], t["f1_idx"], t["f1_cnt"]))
+    L.channel_gate_fwd(plan, f, w, t, s)
+    if not spec.has_spatial:
+        return L.gate_apply(xd, s["ca"], p_contig), saved_acc, saved_i32
+    L.pool_stats_partials(xd, P, C, not p_contig, plan.f2, scale=s["ca"],
+                          outs=(t["f2_sum"], t["f2_max"], t["f2_idx"], t["f2_cnt"]))
+    L.spatial_gate_fwd(plan, f, w, t, s, spec.bn_eps)
+    if f.bn_mode != 2:
+        return L.gate_apply(xd, s["ca"], p_contig, sa=s["sa"]), saved_acc, saved_i32
+    mom, num_parts = t["mom"], N
+    if group is not None:
+        from .sync_bn import gather_rows
+        mom, num_parts = gather_rows(L.bn_partials_reduce(mom, N, moments=True), group)
+    out = L.gate_apply(xd, s["ca"], p_contig, w=w, sa=s["sa"], u=s["u"], mom=mom,
+                       num_parts=num_parts, bn_stats=s["bn_stats"], eps=spec.bn_eps,
+                       momentum=momentum, track=True)
+    return out, saved_acc, saved_i32
+
+
+def fused_backward(g, xd, p_contig: bool, saved_acc, saved_i32, spec: CBAMSpec, w: CBAMWeights,
+                   bn_batch_stats: bool, need_dx: bool, group=None):
+    """The seven backward launches: (dx or None, {weight field: gradient})."""
+    plan = plan_for(xd, spec, w, p_contig)
+    f = L.flags_of(spec, w, bn_batch_stats)
+    s = _saved_views(plan, saved_acc, saved_i32)
+    layout = plan.bwd_scratch_layout(spec.kernel_size, f.spatial_maps)
+    t = carve(torch.empty(layout_size(layout), device=xd.device, dtype=plan.acc), layout)
     g = L.as_layout(g, p_contig)
-    gs, gc = ops.bwd_gate_sums(g, xd, ca, sa, p_contig)
-    dsmean = dsmax = None
-    grads = {}
+    sa = s["sa"] if spec.has_spatial else None
+    L.bwd_gate_sums(g, xd, s["ca"], sa, p_contig, splits=plan.b1_splits,
+                    gs_part=t["gs_part"] if spec.has_spatial else None, gc_part=t["gc_part"])
+    dsmean = dsmax = smax = sidx = scnt = None
     if spec.has_spatial:
-        ds = (gs * (sa * (1 - sa))).view(N, 1, H, W)
-        dsmean, dsmax, grads = spatial_backward(spec, ds, smean.view(N, 1, H, W),
-                                                smax.view(N, 1, H, W), sp_saved, w, want,
-                                                bn_batch_stats=bn_batch_stats, group=group)
-        dsmean, dsmax = dsmean.reshape(N, H * W), dsmax.reshape(N, H * W)
-        gc = gc + ops.bwd_spatial_pool(xd, ca, dsmean, dsmax, smax, sidx, scnt, p_contig,
-                                       spec.amax)
-    davg, dmx, ch_grads = channel_backward(spec, gc * (ca * (1 - ca)), avg, cmax, h, w, want)
-    grads.update(ch_grads)
+        L.spatial_gate_bwd_stats(plan, f, s, t)
+        sums, num_parts = t["bsums"], plan.N
+        if group is not None and f.bn_mode == 2:
+            from .sync_bn import gather_rows
+            sums, num_parts = gather_rows(L.bn_partials_reduce(sums, plan.N, moments=False), group)
+        L.spatial_gate_bwd(plan, f, w, s, t, sums, num_parts)
+        dsmean, dsmax, smax, sidx, scnt = t["dsmean"], t["dsmax"], s["smax"], s["sidx"], s["scnt"]
+        L.bwd_spatial_pool(xd, s["ca"], dsmean, dsmax, smax, sidx, scnt, p_contig, spec.amax,
+                           out=t["gc2"])
+    L.channel_gate_bwd(plan, f, w, s, t)
+    grads = L.weight_grads(plan, f, w, s, t)
     dx = None
     if need_dx:
-        dx = ops.bwd_input(g, xd, ca, sa, dsmean, dsmax, smax, sidx, scnt, davg, dmx,
-                           cmax, cidx, ccnt, p_contig, spec.amax)
+        dx = L.bwd_input(g, xd, s["ca"], sa, dsmean, dsmax, smax, sidx, scnt, t["davg"], t["dmx"],
+                         s["cmax"], s["cidx"], s["ccnt"], p_contig, spec.amax)
     return dx, grads
 
 
 class CBAMFunction(torch.autograd.Function):
-    """apply(x, spec, bn_batch_stats, group, *weight_tensors, has_bn) -> (out, bn_mean, bn_var).
+    """apply(x, spec, bn_batch_stats, momentum, group, *weight_tensors, has_bn) -> out.
 
     group: the process group of a synchronized (SyncBatchNorm) spatial BatchNorm, or
-    None. bn_mean and bn_var are the spatial BatchNorm's batch mean and unbiased
-    variance (empty tensors when not used), returned so the caller updates the running
-    statistics outside the autograd graph; they are not differentiable.
+    None. In batch-statistics mode the forward updates the running statistics and the
+    batch counter among the weight tensors in place (they are not differentiable).
     """
 
     @staticmethod
-    def forward(ctx, x, spec: CBAMSpec, bn_batch_stats: bool, group, *weights):
+    def forward(ctx, x, spec: CBAMSpec, bn_batch_stats: bool, momentum: float, group, *weights):
         w = CBAMWeights(*weights)
-        out, (saved, p_contig), batch = fused_forward(x, spec, w, bn_batch_stats, group)
-        ctx.spec, ctx.bn_batch_stats, ctx.p_contig = spec, bn_batch_stats, p_contig
-        ctx.group = group
+        xd, p_contig = L.dense_layout(x)
+        out, saved_acc, saved_i32 = passes().block_forward(xd, p_contig, spec, w, bn_batch_stats,
+                                                           momentum, group)
+        ctx.spec, ctx.bn_batch_stats, ctx.p_contig, ctx.group = spec, bn_batch_stats, p_contig, group
         ctx.has_bn = w.has_bn
         params = list(w[:NUM_TENSOR_FIELDS])
-        # The backward reads running statistics only from the copy psi saved in eval
-        # mode; they are not saved here, since a later forward may update them in place.
-        params[-2] = params[-1] = None
-        ctx.save_for_backward(*saved, *params)
-        mean, var = batch if batch is not None else (x.new_empty(0), x.new_empty(0))
-        ctx.mark_non_differentiable(mean, var)
-        return out, mean, var
+        # The backward reads the BatchNorm statistics the forward used from saved_acc; the
+        # buffers are not saved, since a later forward may update them in place.
+        for i, name in enumerate(CBAMWeights._fields[:NUM_TENSOR_FIELDS]):
+            if name.startswith("bn_running") or name == "bn_num_batches_tracked":
+                params[i] = None
+        ctx.save_for_backward(xd, saved_acc, saved_i32, *params)
+        return out
 
     @staticmethod
-    def backward(ctx, g, _gmean, _gvar):
-        *saved, = ctx.saved_tensors
-        n_saved = len(saved) - NUM_TENSOR_FIELDS
-        w = CBAMWeights(*saved[n_saved:], ctx.has_bn)
-        want = {name for name, need in zip(CBAMWeights._fields[:NUM_TENSOR_FIELDS],
-                                             ctx.needs_input_grad[4:]) if need}
-        dx, grads = fused_backward(g, ctx.spec, w, saved[:n_saved], ctx.p_contig,
-                                   ctx.bn_batch_stats, want, ctx.needs_input_grad[0], ctx.group)
-        return (dx, None, None, None,
-                *[grads.get(name) for name in CBAMWeights._fields[:NUM_TENSOR_FIELDS]], None)
+    def backward(ctx, g):
+        xd, saved_acc, saved_i32, *params = ctx.saved_tensors
+        w = CBAMWeights(*params, ctx.has_bn)
+        names = CBAMWeights._fields[:NUM_TENSOR_FIELDS]
+        want = {name for name, need in zip(names, ctx.needs_input_grad[5:]) if need}
+        dx, grads = passes().block_backward(g, xd, ctx.p_contig, saved_acc, saved_i32, ctx.spec,
+                                            w, ctx.bn_batch_stats, ctx.needs_input_grad[0],
+                                            ctx.group)
+        return (dx, None, None, None, None,
+                *[grads.get(name) if name in want else None for name in names], None)
 
 
 def cbam(x: torch.Tensor, spec: CBAMSpec, weights: CBAMWeights, *, bn_training: bool = False,
@@ -137,12 +179,18 @@ def cbam(x: torch.Tensor, spec: CBAMSpec, weights: CBAMWeights, *, bn_training: 
     """Functional fused CBAM: out = x * sigmoid(phi(pools(x))) * sigmoid(psi(pools(x * ca))).
 
     bn_training selects batch statistics in the spatial BatchNorm and updates the
-    running statistics (if weights has them) with factor bn_momentum, in place.
-    On CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1, the Triton kernels
-    run; on other CPU tensors the plain PyTorch reference runs.
+    running statistics (if weights has them) with factor bn_momentum, in place, and the
+    batch counter (if weights has one). On CUDA tensors, and on CPU tensors under
+    TRITON_INTERPRET=1, the Triton kernels run; on other CPU tensors the plain PyTorch
+    reference runs.
     """
     check_inputs(x, spec, weights, bn_training)
     return cbam_unchecked(x, spec, weights, bn_training=bn_training, bn_momentum=bn_momentum)
+
+
+def _count_batch_on_host(weights: CBAMWeights, bn_training: bool):
+    if bn_training and weights.has_bn and weights.bn_num_batches_tracked is not None:
+        weights.bn_num_batches_tracked.add_(1)
 
 
 def cbam_unchecked(x, spec: CBAMSpec, weights: CBAMWeights, *, bn_training: bool,
@@ -154,6 +202,7 @@ def cbam_unchecked(x, spec: CBAMSpec, weights: CBAMWeights, *, bn_training: bool
     batch statistics over this process group (SyncBatchNorm), see sync_bn.py.
     """
     if x.shape[0] == 0:
+        _count_batch_on_host(weights, bn_training)
         return x.clone()  # an empty batch: nothing to compute, no launch
     cast = autocast_dtype(x)
     if cast is not None and x.dtype == torch.float32:
@@ -162,16 +211,19 @@ def cbam_unchecked(x, spec: CBAMSpec, weights: CBAMWeights, *, bn_training: bool
         raise NotImplementedError(
             "cbam_fused: a synchronized (SyncBatchNorm) spatial BatchNorm needs the fused "
             "path: CUDA tensors, or CPU tensors with TRITON_INTERPRET=1")
-    bn_batch_stats = bn_training and weights.has_bn
+    bn_batch_stats = bool(bn_training and weights.has_bn and spec.has_spatial)
+    momentum = float(bn_momentum)
     with torch.autocast(x.device.type, enabled=False):  # x already has the autocast dtype
         if not uses_kernels(x):
+            _count_batch_on_host(weights, bn_training)
             return cbam_reference(x, spec, weights, bn_training=bn_training,
                                   bn_momentum=bn_momentum)
+        if not bn_batch_stats:  # the counter is only touched by the batch-statistics kernel
+            _count_batch_on_host(weights, bn_training)
         needs_grad = x.requires_grad or any(t.requires_grad for _, t in weights.tensors())
         if torch.is_grad_enabled() and needs_grad:
-            out, mean, var = CBAMFunction.apply(x, spec, bn_batch_stats, bn_group, *weights)
-            batch = (mean, var) if bn_batch_stats else None
-        else:  # no_grad / inference_mode: no autograd node, nothing saved
-            out, _, batch = fused_forward(x, spec, weights, bn_batch_stats, bn_group)
-    update_running_stats(weights, batch, bn_momentum)
-    return out
+            return CBAMFunction.apply(x, spec, bn_batch_stats, momentum, bn_group, *weights)
+        xd, p_contig = L.dense_layout(x)  # no_grad / inference_mode: no autograd node
+        out, _, _ = passes().block_forward(xd, p_contig, spec, weights, bn_batch_stats,
+                                           momentum, bn_group)
+        return out

@@ -1,42 +1,41 @@
 """Plain host launchers, one per Triton kernel. Tests and benchmarks call them directly.
 
-Every launcher takes an activation that is dense in NCHW (`p_contig=True`) or in
-channels_last (`p_contig=False`), see `dense_layout`. Block shapes come from the
-finite table `tile_config`, so the ahead-of-time compile test can build every
-configuration a launch can pick.
+Every launcher of a big-tensor pass takes an activation that is dense in NCHW
+(`p_contig=True`) or in channels_last (`p_contig=False`), see `dense_layout`. Grids,
+splits and tile sizes come from the cached launch plan (plan.py), so a launch does no
+planning work and the ahead-of-time compile test can build every configuration.
+
+The small-map launchers take the plan, the carved workspace views (`bufs`, a dict of
+1-D views named as in the plan's layouts) and the variant's flags (`Flags`).
 """
-import functools
+import dataclasses
 
 import torch
 import triton
 import triton.language as tl
 
 from .kernels.backward import _bwd_gate_sums_kernel, _bwd_input_kernel, _bwd_spatial_pool_kernel
+from .kernels.channel_gate import _channel_gate_bwd_kernel, _channel_gate_fwd_kernel
 from .kernels.gate_apply import _gate_apply_kernel
-from .kernels.pool_stats import _combine_stats_kernel, _pool_stats_kernel
+from .kernels.pool_stats import _pool_stats_kernel
+from .kernels.spatial_gate import (_bn_partials_reduce_kernel, _spatial_gate_bwd_kernel,
+                                   _spatial_gate_bwd_stats_kernel, _spatial_gate_fwd_kernel)
+from .kernels.weight_grads import _weight_grads_kernel
+from .plan import (CONV_GRAD_BLOCK, NUM_WARPS, WEIGHT_TILE, Reduction, acc_dtype,  # noqa: F401
+                   reduction_plan, sm_count, tile_config)
 
-# Tile: TILE_ELEMENTS elements (half for fp64, whose doubled registers spill otherwise),
-# CONTIG_BLOCKS[i] of them along the contiguous dimension.
-TILE_ELEMENTS = 1024
-CONTIG_BLOCKS = (32, 128)
-NUM_WARPS = 4
-MAX_SPLITS = 64  # partial rows merged by one _combine_stats_kernel tile
-
-
-def tile_config(contig_extent: int, dtype: torch.dtype):
-    """(contiguous block, other block) for a plane whose contiguous dimension has this extent."""
-    contig = CONTIG_BLOCKS[0] if contig_extent <= CONTIG_BLOCKS[0] else CONTIG_BLOCKS[-1]
-    elements = TILE_ELEMENTS // 2 if dtype == torch.float64 else TILE_ELEMENTS
-    return contig, elements // contig
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation and statistics dtype: fp64 for fp64 inputs, fp32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+POOL_CODES = {"avg+max": 0, "mean(avg,max)": 1, "avg": 2}
+POOL_ORDER_CODES = {"max,mean": 0, "mean,max": 1, "mean(mean,max)": 2}
 
 
 def _tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def f64_pair(v: float):
+    """(hi, lo) fp32 halves of v: Triton passes Python floats as fp32 (see plane._scalar)."""
+    hi = float(torch.tensor(v, dtype=torch.float32))
+    return hi, float(torch.tensor(v - hi, dtype=torch.float32))
 
 
 def dense_layout(x: torch.Tensor):
@@ -60,83 +59,150 @@ def as_layout(t: torch.Tensor, p_contig: bool):
     return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+@dataclasses.dataclass(frozen=True)
+class Flags:
+    """The compile-time description of a variant that the small-map kernels need."""
+    pool: int               # POOL_CODES
+    two_layers: bool
+    has_b1: bool
+    has_b2: bool
+    spatial: bool
+    pool_order: int         # POOL_ORDER_CODES (spatial only)
+    kernel_size: int
+    has_conv_bias: bool
+    bn_mode: int            # 0 none, 1 running statistics, 2 batch statistics
+    has_bn_w: bool
+    has_bn_b: bool
+    amax: bool
+
+    @property
+    def spatial_maps(self):
+        return 1 if self.pool_order == 2 else 2
 
 
-def default_splits(device: torch.device, base_programs: int, max_splits: int) -> int:
-    """Splits of the reduced axis so a launch fills the GPU: about two programs per SM.
-
-    On the CPU (the interpreter runs one program at a time) there is nothing to fill.
-    """
-    if device.type != "cuda":
-        return 1
-    want = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    if base_programs >= want:
-        return 1
-    return max(1, min(triton.cdiv(want, base_programs), max_splits, MAX_SPLITS))
+def flags_of(spec, w, bn_batch_stats: bool) -> Flags:
+    bn_mode = 0 if not (spec.has_spatial and w.has_bn) else (2 if bn_batch_stats else 1)
+    return Flags(POOL_CODES[spec.channel_pool], w.fc2_weight is not None, w.fc1_bias is not None,
+                 w.fc2_bias is not None, spec.has_spatial,
+                 POOL_ORDER_CODES.get(spec.spatial_pool, 0), spec.kernel_size,
+                 w.conv_bias is not None, bn_mode, w.bn_weight is not None,
+                 w.bn_bias is not None, spec.amax)
 
 
-def pool_stats(x, R: int, K: int, k_contig: bool, scale=None, splits=None):
-    """Sum, max, first argmax and tie count over the K axis of each sample's R x K plane.
+def _or(t, fallback):
+    """A tensor argument for a pointer the kernel does not read under its flags."""
+    return fallback if t is None else t
 
-    Returns four [N, R] tensors: sum and max in the accumulation dtype, argmax and
-    count in int32. `scale` ([N, K], accumulation dtype) multiplies column k first.
-    """
+
+# ---------------------------------------------------------------- F1, F2
+
+def pool_stats_partials(x, R: int, K: int, k_contig: bool, red: Reduction, scale=None,
+                        outs=None):
+    """Per split s of the K axis: sum, max, first argmax and tie count over the split's
+    columns of each sample's R x K plane. Returns four [N, S, R] tensors (sum and max in
+    the accumulation dtype, argmax and count int32); `scale` ([N, K]) multiplies column k."""
     N = x.shape[0]
-    dt = acc_dtype(x.dtype)
-    (scale,) = _rows(scale)
-    contig, other = tile_config(K if k_contig else R, x.dtype)
-    block_k, block_r = (contig, other) if k_contig else (other, contig)
-    num_r_blocks = triton.cdiv(R, block_r)
-    k_blocks = triton.cdiv(K, block_k)
-    if splits is None:
-        splits = default_splits(x.device, N * num_r_blocks, k_blocks)
-    splits = max(1, min(splits, k_blocks, MAX_SPLITS))
-    k_per_split = triton.cdiv(k_blocks, splits) * block_k
-    splits = triton.cdiv(K, k_per_split)
-
-    outs = (torch.empty(N, splits, R, device=x.device, dtype=dt),
-            torch.empty(N, splits, R, device=x.device, dtype=dt),
-            torch.empty(N, splits, R, device=x.device, dtype=torch.int32),
-            torch.empty(N, splits, R, device=x.device, dtype=torch.int32))
-    grid = (N * splits * num_r_blocks,)
-    _pool_stats_kernel[grid](
+    if outs is None:
+        dt = acc_dtype(x.dtype)
+        outs = (torch.empty(N, red.splits, R, device=x.device, dtype=dt),
+                torch.empty(N, red.splits, R, device=x.device, dtype=dt),
+                torch.empty(N, red.splits, R, device=x.device, dtype=torch.int32),
+                torch.empty(N, red.splits, R, device=x.device, dtype=torch.int32))
+    _pool_stats_kernel[(N * red.splits * red.r_blocks,)](
         x, scale if scale is not None else outs[0], *outs,
-        R, K, k_per_split, num_r_blocks, splits,
+        R, K, red.k_per_split, red.r_blocks, red.splits,
         HAS_SCALE=scale is not None, K_CONTIG=k_contig, ACC_DTYPE=_tl_acc(x.dtype),
-        BLOCK_R=block_r, BLOCK_K=block_k, num_warps=NUM_WARPS)
-    if splits == 1:
-        return tuple(o.view(N, R) for o in outs)
-    final = (torch.empty(N, R, device=x.device, dtype=dt),
-             torch.empty(N, R, device=x.device, dtype=dt),
-             torch.empty(N, R, device=x.device, dtype=torch.int32),
-             torch.empty(N, R, device=x.device, dtype=torch.int32))
-    block_s = triton.next_power_of_2(splits)
-    block_r = max(1, TILE_ELEMENTS // block_s)
-    num_r_blocks = triton.cdiv(R, block_r)
-    _combine_stats_kernel[(N * num_r_blocks,)](
-        *outs, *final, R, splits, num_r_blocks,
-        ACC_DTYPE=_tl_acc(x.dtype), BLOCK_R=block_r, BLOCK_S=block_s, num_warps=NUM_WARPS)
-    return final
+        BLOCK_R=red.block_r, BLOCK_K=red.block_k, num_warps=NUM_WARPS)
+    return outs
 
 
-def channel_stats(x, p_contig: bool, splits=None):
-    """F1: per (n, c) sum, max, first argmax and tie count over the H*W positions."""
+def channel_stats_partials(x, p_contig: bool, splits=None):
+    """F1 on its own (tests): per-split channel statistics [N, S, C] over H*W."""
     N, C, H, W = x.shape
-    return pool_stats(x, C, H * W, p_contig, splits=splits)
+    red = reduction_plan(N, C, H * W, p_contig, x.dtype, sm_count(x.device), splits)
+    return pool_stats_partials(x, C, H * W, p_contig, red), red
 
 
-def spatial_stats(x, ca, p_contig: bool, splits=None):
-    """F2: per (n, p) sum, max, first argmax and tie count of y = x * ca over channels."""
+def spatial_stats_partials(x, ca, p_contig: bool, splits=None):
+    """F2 on its own (tests): per-split spatial statistics [N, S, H*W] of x * ca."""
     N, C, H, W = x.shape
-    return pool_stats(x, H * W, C, not p_contig, scale=ca, splits=splits)
+    red = reduction_plan(N, H * W, C, not p_contig, x.dtype, sm_count(x.device), splits)
+    return pool_stats_partials(x, H * W, C, not p_contig, red, scale=ca.contiguous()), red
 
 
-def _rows(*ts):
-    """Small [N, C] / [N, P] operands as contiguous rows (a no-op when they already are)."""
-    return [None if t is None else t.contiguous() for t in ts]
+# ---------------------------------------------------------------- small maps, forward
+
+def channel_gate_fwd(plan, f: Flags, w, bufs, saved):
+    """phi: combine F1's partials, MLP, sigmoid -> saved avg, cmax, cidx, ccnt, h, ca."""
+    _channel_gate_fwd_kernel[(plan.N,)](
+        bufs["f1_sum"], bufs["f1_max"], bufs["f1_idx"], bufs["f1_cnt"],
+        w.fc1_weight, _or(w.fc1_bias, w.fc1_weight), _or(w.fc2_weight, w.fc1_weight),
+        _or(w.fc2_bias, w.fc1_weight),
+        saved["avg"], saved["cmax"], saved["cidx"], saved["ccnt"], saved["h"], saved["ca"],
+        plan.C, plan.P, plan.hidden, plan.f1.splits,
+        POOL=f.pool, TWO_LAYERS=f.two_layers, HAS_B1=f.has_b1, HAS_B2=f.has_b2,
+        ACC_DTYPE=_tl_acc(plan.dtype), BLOCK_C=plan.phi_block_c, BLOCK_H=plan.phi_block_h,
+        BLOCK_S=plan.f1.block_s, num_warps=NUM_WARPS)
+
+
+def spatial_gate_fwd(plan, f: Flags, w, bufs, saved, eps: float):
+    """psi: combine F2's partials, conv -> u, and sa (or BatchNorm partial moments)."""
+    acc = saved["u"]
+    eps_hi, eps_lo = f64_pair(eps)
+    _spatial_gate_fwd_kernel[(plan.N,)](
+        bufs["f2_sum"], bufs["f2_max"], bufs["f2_idx"], bufs["f2_cnt"],
+        w.conv_weight, _or(w.conv_bias, acc), _or(w.bn_weight, acc), _or(w.bn_bias, acc),
+        _or(w.bn_running_mean, acc), _or(w.bn_running_var, acc),
+        saved["smean"], saved["smax"], saved["sidx"], saved["scnt"], saved["u"], saved["sa"],
+        bufs["mom"], saved["bn_stats"],
+        plan.C, plan.H, plan.W, plan.f2.splits, eps_hi, eps_lo,
+        POOL_ORDER=f.pool_order, KSIZE=f.kernel_size, HAS_CONV_BIAS=f.has_conv_bias,
+        BN_MODE=f.bn_mode, HAS_BN_W=f.has_bn_w, HAS_BN_B=f.has_bn_b,
+        ACC_DTYPE=_tl_acc(plan.dtype), BLOCK_P=plan.psi_block_p, BLOCK_S=plan.f2.block_s,
+        num_warps=NUM_WARPS)
+
+
+def bn_partials_reduce(parts, num_parts: int, moments: bool):
+    """One row combining num_parts BatchNorm partial rows: (count, mean, M2) rows when
+    `moments`, else (sum, sum) rows; for the all_gather of SyncBatchNorm."""
+    out = parts.new_empty(3 if moments else 2)
+    _bn_partials_reduce_kernel[(1,)](parts, out, num_parts, MOMENTS=moments,
+                                     ACC_DTYPE=_tl_acc(parts.dtype), num_warps=NUM_WARPS)
+    return out
+
+
+# ---------------------------------------------------------------- F3
+
+def gate_apply(x, ca, p_contig: bool, plan=None, f: Flags = None, w=None, sa=None, u=None,
+               mom=None, num_parts=0, bn_stats=None, eps=0.0, momentum=0.0, track=False):
+    """F3: out = x * ca * sa, in x's dtype and layout.
+
+    sa given: the spatial gate; u and mom given (batch-statistics BatchNorm): sa is made
+    here from u and the combined moments, stored into `sa` (required then), and the
+    running statistics in w are updated when `track`. Neither: channel gate only.
+    """
+    N, C, H, W = x.shape
+    P = H * W
+    out = torch.empty_like(x)
+    block_c, block_p = _cp_blocks(C, P, p_contig, x.dtype)
+    ncb, npb = triton.cdiv(C, block_c), triton.cdiv(P, block_p)
+    sa_mode = 2 if mom is not None else (1 if sa is not None else 0)
+    dummy = ca
+    bnw = bnb = rm = rv = nbt = None
+    if w is not None:
+        bnw, bnb, rm, rv, nbt = (w.bn_weight, w.bn_bias, w.bn_running_mean, w.bn_running_var,
+                                 w.bn_num_batches_tracked)
+    eps_hi, eps_lo = f64_pair(eps)
+    mom_hi, mom_lo = f64_pair(momentum)
+    _gate_apply_kernel[(N * ncb * npb,)](
+        x, ca, _or(sa, dummy), _or(u, dummy), _or(mom, dummy), _or(bnw, dummy), _or(bnb, dummy),
+        _or(rm, dummy), _or(rv, dummy), _or(nbt, dummy), _or(bn_stats, dummy), out,
+        C, P, ncb, npb, num_parts, eps_hi, eps_lo, mom_hi, mom_lo,
+        SA_MODE=sa_mode, HAS_BN_W=bnw is not None, HAS_BN_B=bnb is not None,
+        TRACK=bool(track and rm is not None), HAS_NBT=bool(track and nbt is not None),
+        P_CONTIG=p_contig, ACC_DTYPE=_tl_acc(x.dtype),
+        BLOCK_C=block_c, BLOCK_P=block_p, num_warps=NUM_WARPS)
+    return out
 
 
 def _cp_blocks(C: int, P: int, p_contig: bool, dtype):
@@ -144,55 +210,43 @@ def _cp_blocks(C: int, P: int, p_contig: bool, dtype):
     return (other, contig) if p_contig else (contig, other)  # (BLOCK_C, BLOCK_P)
 
 
-def gate_apply(x, ca, sa, p_contig: bool):
-    """F3: out = x * ca * sa, in x's dtype and layout. sa None: channel gate only."""
-    N, C, H, W = x.shape
-    P = H * W
-    out = torch.empty_like(x)
-    ca, sa = _rows(ca, sa)
-    block_c, block_p = _cp_blocks(C, P, p_contig, x.dtype)
-    ncb, npb = triton.cdiv(C, block_c), triton.cdiv(P, block_p)
-    _gate_apply_kernel[(N * ncb * npb,)](
-        x, ca, sa if sa is not None else ca, out, C, P, ncb, npb,
-        HAS_SA=sa is not None, P_CONTIG=p_contig, ACC_DTYPE=_tl_acc(x.dtype),
-        BLOCK_C=block_c, BLOCK_P=block_p, num_warps=NUM_WARPS)
-    return out
+# ---------------------------------------------------------------- backward big passes
 
-
-def bwd_gate_sums(g, x, ca, sa, p_contig: bool, splits=None):
-    """B1: Gs[n, p] = sum_c g*x*ca (None without sa) and Gc1[n, c] = sum_p g*x*sa."""
+def bwd_gate_sums(g, x, ca, sa, p_contig: bool, splits=None, gs_part=None, gc_part=None):
+    """B1: partial rows of Gs[n, p] = sum_c g*x*ca over channel splits ([N, CS, P], None
+    without sa) and of Gc1[n, c] = sum_p g*x*sa over position blocks ([N, PB, C])."""
     N, C, H, W = x.shape
     P = H * W
     dt = acc_dtype(x.dtype)
-    ca, sa = _rows(ca, sa)
     block_c, block_p = _cp_blocks(C, P, p_contig, x.dtype)
     npb = triton.cdiv(P, block_p)
     c_blocks = triton.cdiv(C, block_c)
     if splits is None:
-        splits = default_splits(x.device, N * npb, c_blocks)
+        from .plan import splits_for
+        splits = splits_for(N * npb, c_blocks, sm_count(x.device))
     splits = max(1, min(splits, c_blocks))
     c_per_split = triton.cdiv(c_blocks, splits) * block_c
     splits = triton.cdiv(C, c_per_split)
     has_sa = sa is not None
-    gs_part = torch.empty(N, splits, P, device=x.device, dtype=dt) if has_sa else None
-    gc_part = torch.empty(N, npb, C, device=x.device, dtype=dt)
+    if has_sa and gs_part is None:
+        gs_part = torch.empty(N, splits, P, device=x.device, dtype=dt)
+    if gc_part is None:
+        gc_part = torch.empty(N, npb, C, device=x.device, dtype=dt)
     _bwd_gate_sums_kernel[(N * splits * npb,)](
         g, x, ca, sa if has_sa else ca, gs_part if has_sa else gc_part, gc_part,
         C, P, c_per_split, npb, splits,
         HAS_SA=has_sa, P_CONTIG=p_contig, ACC_DTYPE=_tl_acc(x.dtype),
         BLOCK_C=block_c, BLOCK_P=block_p, num_warps=NUM_WARPS)
-    gs = gs_part.sum(1) if has_sa else None
-    return gs, gc_part.sum(1)
+    return (gs_part if has_sa else None), gc_part
 
 
-def bwd_spatial_pool(x, ca, dsmean, dsmax, smax, sidx, scnt, p_contig: bool, amax: bool):
+def bwd_spatial_pool(x, ca, dsmean, dsmax, smax, sidx, scnt, p_contig: bool, amax: bool, out=None):
     """B2: Gc2[n, c] = sum_p x * (dsmean/C + dsmax * e_k), the part of dL/dca through the spatial pools."""
     N, C, H, W = x.shape
     P = H * W
-    ca, dsmean, dsmax, smax, sidx, scnt = _rows(ca, dsmean, dsmax, smax, sidx, scnt)
     block_c, block_p = _cp_blocks(C, P, p_contig, x.dtype)
     ncb = triton.cdiv(C, block_c)
-    gc2 = torch.empty(N, C, device=x.device, dtype=acc_dtype(x.dtype))
+    gc2 = torch.empty(N, C, device=x.device, dtype=acc_dtype(x.dtype)) if out is None else out
     _bwd_spatial_pool_kernel[(N * ncb,)](
         x, ca, dsmean, dsmax, smax, sidx, scnt, gc2, C, P, ncb,
         AMAX=amax, P_CONTIG=p_contig, ACC_DTYPE=_tl_acc(x.dtype),
@@ -209,8 +263,6 @@ def bwd_input(g, x, ca, sa, dsmean, dsmax, smax, sidx, scnt, davg, dmx, mx, cidx
     N, C, H, W = x.shape
     P = H * W
     dx = torch.empty_like(g)
-    ca, sa, dsmean, dsmax, smax, sidx, scnt, davg, dmx, mx, cidx, ccnt = _rows(
-        ca, sa, dsmean, dsmax, smax, sidx, scnt, davg, dmx, mx, cidx, ccnt)
     block_c, block_p = _cp_blocks(C, P, p_contig, x.dtype)
     ncb, npb = triton.cdiv(C, block_c), triton.cdiv(P, block_p)
     has_sa = sa is not None
@@ -220,3 +272,60 @@ def bwd_input(g, x, ca, sa, dsmean, dsmax, smax, sidx, scnt, davg, dmx, mx, cidx
         HAS_SA=has_sa, AMAX=amax, P_CONTIG=p_contig, ACC_DTYPE=_tl_acc(x.dtype),
         BLOCK_C=block_c, BLOCK_P=block_p, num_warps=NUM_WARPS)
     return dx
+
+
+# ---------------------------------------------------------------- small maps, backward
+
+def spatial_gate_bwd_stats(plan, f: Flags, saved, bufs):
+    """ds = Gs * sa * (1 - sa) and the per-sample BatchNorm-backward sums."""
+    _spatial_gate_bwd_stats_kernel[(plan.N,)](
+        bufs["gs_part"], saved["sa"], saved["u"], saved["bn_stats"], bufs["ds"], bufs["bsums"],
+        plan.P, plan.b1_splits,
+        BN_MODE=f.bn_mode, ACC_DTYPE=_tl_acc(plan.dtype), BLOCK_P=plan.psi_block_p,
+        BLOCK_CS=plan.bwd_block_cs, num_warps=NUM_WARPS)
+
+
+def spatial_gate_bwd(plan, f: Flags, w, saved, bufs, sums, num_parts: int):
+    """du through BatchNorm, dsmean/dsmax through the conv, per-sample conv gradients."""
+    acc = saved["u"]
+    _spatial_gate_bwd_kernel[(plan.N,)](
+        bufs["ds"], saved["u"], saved["bn_stats"], sums, _or(w.bn_weight, acc), w.conv_weight,
+        saved["smean"], saved["smax"], bufs["du"], bufs["dsmean"], bufs["dsmax"], bufs["cgrad"],
+        plan.H, plan.W, num_parts,
+        POOL_ORDER=f.pool_order, KSIZE=f.kernel_size, BN_MODE=f.bn_mode, HAS_BN_W=f.has_bn_w,
+        ACC_DTYPE=_tl_acc(plan.dtype), BLOCK_P=plan.psi_block_p, num_warps=NUM_WARPS)
+
+
+def channel_gate_bwd(plan, f: Flags, w, saved, bufs):
+    """dlogits, dh, davg, dmx per sample, from B1's Gc1 partials and B2's Gc2."""
+    _channel_gate_bwd_kernel[(plan.N,)](
+        bufs["gc_part"], bufs["gc2"], saved["ca"], saved["h"], w.fc1_weight,
+        _or(w.fc2_weight, w.fc1_weight), bufs["dlog"], bufs["dh"], bufs["davg"], bufs["dmx"],
+        plan.C, plan.hidden, plan.p_blocks,
+        POOL=f.pool, TWO_LAYERS=f.two_layers, HAS_GC2=f.spatial, ACC_DTYPE=_tl_acc(plan.dtype),
+        BLOCK_C=plan.phi_block_c, BLOCK_H=plan.phi_block_h, BLOCK_PB=plan.bwd_block_pb,
+        num_warps=NUM_WARPS)
+
+
+GRAD_FIELDS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "conv_weight", "conv_bias",
+               "bn_weight", "bn_bias")
+
+
+def weight_grads(plan, f: Flags, w, saved, bufs):
+    """Every parameter gradient of the small maps, in each parameter's dtype and shape:
+    {field: gradient} for the parameters present."""
+    grads = {name: torch.empty_like(getattr(w, name), memory_format=torch.contiguous_format)
+             for name in GRAD_FIELDS if getattr(w, name) is not None}
+    dummy = saved["ca"]
+    cg = f.spatial_maps * f.kernel_size ** 2 + 1
+    _weight_grads_kernel[(plan.wg_tiles1 + plan.wg_tiles2 + 1,)](
+        saved["avg"], saved["cmax"], saved["h"], bufs["dh"], bufs["dlog"],
+        bufs["cgrad"] if f.spatial else dummy, bufs["bsums"] if f.bn_mode else dummy,
+        *[grads.get(name, dummy) for name in GRAD_FIELDS],
+        plan.N, plan.C, plan.hidden, cg, plan.wg_tiles1, plan.wg_tiles2, plan.wg_rows1,
+        plan.wg_rows2,
+        POOL=f.pool, TWO_LAYERS=f.two_layers, HAS_B1=f.has_b1, HAS_B2=f.has_b2,
+        HAS_CONV=f.spatial, HAS_CONV_BIAS=f.has_conv_bias, HAS_BN_W=f.has_bn_w and f.bn_mode > 0,
+        HAS_BN_B=f.has_bn_b and f.bn_mode > 0, ACC_DTYPE=_tl_acc(plan.dtype),
+        BLOCK_R=WEIGHT_TILE, BLOCK_K=WEIGHT_TILE, BLOCK_G=CONV_GRAD_BLOCK, num_warps=NUM_WARPS)
+    return grads

@@ -21,8 +21,9 @@ def bn_weights(bn: Optional[nn.BatchNorm2d]) -> dict:
     """The CBAMWeights fields of a BatchNorm2d (empty without one)."""
     if bn is None:
         return {}
+    nbt = bn.num_batches_tracked if bn.track_running_stats else None
     return dict(bn_weight=bn.weight, bn_bias=bn.bias, bn_running_mean=bn.running_mean,
-                bn_running_var=bn.running_var, has_bn=True)
+                bn_running_var=bn.running_var, bn_num_batches_tracked=nbt, has_bn=True)
 
 
 def bn_mode(bn: Optional[nn.BatchNorm2d]):
@@ -34,11 +35,6 @@ def bn_mode(bn: Optional[nn.BatchNorm2d]):
         if bn.momentum is None:  # cumulative moving average
             momentum = 1.0 / float(bn.num_batches_tracked + 1)
     return bn.training or bn.running_mean is None, momentum
-
-
-def bn_count_batch(bn: Optional[nn.BatchNorm2d]):
-    if bn is not None and bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
 
 
 class FusedCBAMBase(nn.Module):
@@ -59,7 +55,7 @@ class FusedCBAMBase(nn.Module):
         bn_training, momentum = bn_mode(bn)
         check_inputs(x, self.spec, w, bn_training, self.channels)
         group = sync_group(bn)  # SyncBatchNorm in training: global batch statistics
-        bn_count_batch(bn)
+        # the batch counter (num_batches_tracked) is counted by the forward, as by nn.BatchNorm2d
         return cbam_unchecked(x, self.spec, w, bn_training=bn_training, bn_momentum=momentum,
                               bn_group=group)
 

@@ -1,108 +1,106 @@
-"""The six big-tensor passes as PyTorch operators, namespace `cbam_fused`.
+"""The fused block's forward and backward as PyTorch operators, namespace `cbam_fused`.
 
 Registered with torch.library.define/impl plus a fake (meta) implementation each, so
-torch.compile (fullgraph) and torch.export see them as opaque ops with known output
-shapes, strides and dtypes, while the small maps between them stay ordinary aten ops
-that the compiler can fuse. Autograd lives one level up, in the block-level
-autograd.Function (function.py): the backward of the block is not the sum of the
-passes' own backwards (that would cost about 12|x| of traffic instead of 5|x|).
+torch.compile (fullgraph) and torch.export see each direction as one opaque op with
+known output shapes, strides and dtypes. Autograd lives one level up, in the
+block-level autograd.Function (function.py).
 
-Eager calls skip the dispatcher and call the launchers directly (`passes()`): the
-registered op costs a few microseconds of host time per call that buys nothing
-outside a compiler. Both routes run the same launcher code.
+Eager calls skip the dispatcher and call the Python implementation directly
+(`passes()`): the registered op costs microseconds of host time per call that buy
+nothing outside a compiler. Both routes run the same code.
 
-Ops (all on CUDA tensors, or CPU tensors under TRITON_INTERPRET=1):
-  channel_stats(x, p_contig)                     F1  -> sum, max, argmax, count [N, C]
-  spatial_stats(x, ca, p_contig)                 F2  -> sum, max, argmax, count [N, H*W]
-  gate_apply(x, ca, sa?, p_contig)               F3  -> out, x's shape and layout
-  bwd_gate_sums(g, x, ca, sa?, p_contig)         B1  -> Gs [N, H*W] ([N, 0] without sa), Gc1 [N, C]
-  bwd_spatial_pool(x, ca, dsmean, dsmax, smax, sidx, scnt, p_contig, amax)   B2 -> Gc2 [N, C]
-  bwd_input(g, x, ca, sa?, dsmean?, dsmax?, smax?, sidx?, scnt?, davg, dmx, mx, cidx, ccnt,
-            p_contig, amax)                      B3  -> dx, g's shape and layout
+Ops (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1):
+  block_forward(x, <weights>, <buffers, mutated>, p_contig, <variant>, bn_batch_stats, momentum)
+      -> (out, saved_acc, saved_i32)
+  block_backward(g, x, saved_acc, saved_i32, <weights>, p_contig, <variant>, bn_batch_stats,
+                 need_dx) -> [dx (empty when not needed), gradient of each weight present]
+The variant is (channel_pool, spatial_pool, kernel_size, max_mode, bn_eps, has_bn).
 """
 import os
 import types
 
 import torch
 
-from . import launchers as L
+from .plan import layout_size, saved_layouts
+from .spec import CBAMSpec, CBAMWeights
 
 NAMESPACE = "cbam_fused"
 
+_WEIGHTS = ("Tensor fc1_weight, Tensor? fc1_bias, Tensor? fc2_weight, Tensor? fc2_bias, "
+            "Tensor? conv_weight, Tensor? conv_bias, Tensor? bn_weight, Tensor? bn_bias")
+_VARIANT = "str channel_pool, str? spatial_pool, int kernel_size, str max_mode, float bn_eps, bool has_bn"
 _SCHEMAS = {
-    "channel_stats": "(Tensor x, bool p_contig) -> (Tensor, Tensor, Tensor, Tensor)",
-    "spatial_stats": "(Tensor x, Tensor ca, bool p_contig) -> (Tensor, Tensor, Tensor, Tensor)",
-    "gate_apply": "(Tensor x, Tensor ca, Tensor? sa, bool p_contig) -> Tensor",
-    "bwd_gate_sums": "(Tensor g, Tensor x, Tensor ca, Tensor? sa, bool p_contig) -> (Tensor, Tensor)",
-    "bwd_spatial_pool": ("(Tensor x, Tensor ca, Tensor dsmean, Tensor dsmax, Tensor smax, "
-                         "Tensor sidx, Tensor scnt, bool p_contig, bool amax) -> Tensor"),
-    "bwd_input": ("(Tensor g, Tensor x, Tensor ca, Tensor? sa, Tensor? dsmean, Tensor? dsmax, "
-                  "Tensor? smax, Tensor? sidx, Tensor? scnt, Tensor davg, Tensor dmx, Tensor mx, "
-                  "Tensor cidx, Tensor ccnt, bool p_contig, bool amax) -> Tensor"),
+    "block_forward": (f"(Tensor x, {_WEIGHTS}, Tensor(a!)? bn_running_mean, "
+                      f"Tensor(b!)? bn_running_var, Tensor(c!)? bn_num_batches_tracked, "
+                      f"bool p_contig, {_VARIANT}, bool bn_batch_stats, float momentum) "
+                      f"-> (Tensor, Tensor, Tensor)"),
+    "block_backward": (f"(Tensor g, Tensor x, Tensor saved_acc, Tensor saved_i32, {_WEIGHTS}, "
+                       f"Tensor? bn_running_mean, Tensor? bn_running_var, bool p_contig, "
+                       f"{_VARIANT}, bool bn_batch_stats, bool need_dx) -> Tensor[]"),
 }
+_GRAD_FIELDS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "conv_weight", "conv_bias",
+                "bn_weight", "bn_bias")
+
+
+def _spec(channel_pool, spatial_pool, kernel_size, max_mode, bn_eps):
+    return CBAMSpec(channel_pool, spatial_pool, kernel_size, max_mode, bn_eps)
+
+
+def _variant(spec: CBAMSpec, has_bn: bool):
+    return (spec.channel_pool, spec.spatial_pool, spec.kernel_size, spec.max_mode, spec.bn_eps,
+            has_bn)
 
 
 # ---------------------------------------------------------------- real implementations
 
-def _channel_stats(x, p_contig):
-    return L.channel_stats(x, p_contig)
+def _block_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, conv_bias,
+                   bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_num_batches_tracked,
+                   p_contig, channel_pool, spatial_pool, kernel_size, max_mode, bn_eps, has_bn,
+                   bn_batch_stats, momentum):
+    from .function import fused_forward
+    w = CBAMWeights(fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, conv_bias,
+                    bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_num_batches_tracked,
+                    has_bn)
+    spec = _spec(channel_pool, spatial_pool, kernel_size, max_mode, bn_eps)
+    return fused_forward(x, p_contig, spec, w, bn_batch_stats, momentum)
 
 
-def _spatial_stats(x, ca, p_contig):
-    return L.spatial_stats(x, ca, p_contig)
-
-
-def _gate_apply(x, ca, sa, p_contig):
-    return L.gate_apply(x, ca, sa, p_contig)
-
-
-def _bwd_gate_sums(g, x, ca, sa, p_contig):
-    gs, gc = L.bwd_gate_sums(g, x, ca, sa, p_contig)
-    if gs is None:
-        gs = gc.new_empty(x.shape[0], 0)
-    return gs, gc
-
-
-def _bwd_spatial_pool(x, ca, dsmean, dsmax, smax, sidx, scnt, p_contig, amax):
-    return L.bwd_spatial_pool(x, ca, dsmean, dsmax, smax, sidx, scnt, p_contig, amax)
-
-
-def _bwd_input(g, x, ca, sa, dsmean, dsmax, smax, sidx, scnt, davg, dmx, mx, cidx, ccnt,
-               p_contig, amax):
-    return L.bwd_input(g, x, ca, sa, dsmean, dsmax, smax, sidx, scnt, davg, dmx, mx, cidx,
-                       ccnt, p_contig, amax)
-
-
-_IMPLS = dict(channel_stats=_channel_stats, spatial_stats=_spatial_stats, gate_apply=_gate_apply,
-              bwd_gate_sums=_bwd_gate_sums, bwd_spatial_pool=_bwd_spatial_pool,
-              bwd_input=_bwd_input)
+def _block_backward(g, x, saved_acc, saved_i32, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                    conv_weight, conv_bias, bn_weight, bn_bias, bn_running_mean, bn_running_var,
+                    p_contig, channel_pool, spatial_pool, kernel_size, max_mode, bn_eps, has_bn,
+                    bn_batch_stats, need_dx):
+    from .function import fused_backward
+    w = CBAMWeights(fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, conv_bias,
+                    bn_weight, bn_bias, bn_running_mean, bn_running_var, None, has_bn)
+    spec = _spec(channel_pool, spatial_pool, kernel_size, max_mode, bn_eps)
+    dx, grads = fused_backward(g, x, p_contig, saved_acc, saved_i32, spec, w, bn_batch_stats,
+                               need_dx)
+    return [dx if dx is not None else g.new_empty(0)] + [grads[n] for n in _GRAD_FIELDS
+                                                         if n in grads]
 
 
 # ---------------------------------------------------------------- fake implementations
 
-def _stats_like(x, R):
-    N = x.shape[0]
-    acc = L.acc_dtype(x.dtype)
-    return (x.new_empty(N, R, dtype=acc), x.new_empty(N, R, dtype=acc),
-            x.new_empty(N, R, dtype=torch.int32), x.new_empty(N, R, dtype=torch.int32))
+def _fake_forward(x, fc1_weight, fc1_bias, fc2_weight, *rest):
+    (fc2_bias, conv_weight, conv_bias, bn_weight, bn_bias, rm, rv, nbt, p_contig, channel_pool,
+     spatial_pool, kernel_size, max_mode, bn_eps, has_bn, bn_batch_stats, momentum) = rest
+    N, C, H, W = x.shape
+    hidden = fc1_weight.shape[0] if fc2_weight is not None else C
+    acc_layout, i32_layout = saved_layouts(N, C, H * W, hidden, spatial_pool is not None)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (torch.empty_like(x), x.new_empty(layout_size(acc_layout), dtype=acc),
+            x.new_empty(layout_size(i32_layout), dtype=torch.int32))
 
 
-_FAKES = dict(
-    channel_stats=lambda x, p_contig: _stats_like(x, x.shape[1]),
-    spatial_stats=lambda x, ca, p_contig: _stats_like(x, x.shape[2] * x.shape[3]),
-    gate_apply=lambda x, ca, sa, p_contig: torch.empty_like(x),
-    bwd_gate_sums=lambda g, x, ca, sa, p_contig: (
-        x.new_empty(x.shape[0], x.shape[2] * x.shape[3] if sa is not None else 0,
-                    dtype=L.acc_dtype(x.dtype)),
-        x.new_empty(x.shape[0], x.shape[1], dtype=L.acc_dtype(x.dtype))),
-    bwd_spatial_pool=lambda x, *rest: x.new_empty(x.shape[0], x.shape[1], dtype=L.acc_dtype(x.dtype)),
-    bwd_input=lambda g, *rest: torch.empty_like(g),
-)
+def _fake_backward(g, x, saved_acc, saved_i32, *rest):
+    weights = rest[:8]
+    need_dx = rest[-1]
+    out = [torch.empty_like(g) if need_dx else g.new_empty(0)]
+    return out + [torch.empty_like(t, memory_format=torch.contiguous_format)
+                  for t in weights if t is not None]
 
 
-def _device_impl(name):
-    impl = _IMPLS[name]
-
+def _cpu(impl, name):
     def cpu(*args):
         if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
             raise RuntimeError(f"{NAMESPACE}::{name} on CPU tensors needs the Triton "
@@ -111,17 +109,69 @@ def _device_impl(name):
     return cpu
 
 
+_IMPLS = dict(block_forward=_block_forward, block_backward=_block_backward)
+_FAKES = dict(block_forward=_fake_forward, block_backward=_fake_backward)
+
 _lib = torch.library.Library(NAMESPACE, "DEF")
 for _name, _schema in _SCHEMAS.items():
     _lib.define(_name + _schema)
     _lib.impl(_name, _IMPLS[_name], "CUDA")
-    _lib.impl(_name, _device_impl(_name), "CPU")
+    _lib.impl(_name, _cpu(_IMPLS[_name], _name), "CPU")
     torch.library.register_fake(f"{NAMESPACE}::{_name}", _FAKES[_name], lib=_lib)
 
-OPS = types.SimpleNamespace(**{n: getattr(getattr(torch.ops, NAMESPACE), n) for n in _SCHEMAS})
-DIRECT = types.SimpleNamespace(**_IMPLS)
+OPS_RAW = types.SimpleNamespace(**{n: getattr(getattr(torch.ops, NAMESPACE), n) for n in _SCHEMAS})
+
+
+def _weights_args(w: CBAMWeights):
+    return (w.fc1_weight, w.fc1_bias, w.fc2_weight, w.fc2_bias, w.conv_weight, w.conv_bias,
+            w.bn_weight, w.bn_bias)
+
+
+class _Registered:
+    """block_forward / block_backward through the registered ops (what torch.compile sees)."""
+
+    @staticmethod
+    def block_forward(xd, p_contig, spec, w, bn_batch_stats, momentum, group=None):
+        if group is not None:
+            raise NotImplementedError("cbam_fused: a synchronized (SyncBatchNorm) spatial "
+                                      "BatchNorm is not supported inside torch.compile")
+        return tuple(OPS_RAW.block_forward(
+            xd, *_weights_args(w), w.bn_running_mean, w.bn_running_var, w.bn_num_batches_tracked,
+            p_contig, *_variant(spec, w.has_bn), bn_batch_stats, momentum))
+
+    @staticmethod
+    def block_backward(g, xd, p_contig, saved_acc, saved_i32, spec, w, bn_batch_stats, need_dx,
+                       group=None):
+        if group is not None:
+            raise NotImplementedError("cbam_fused: a synchronized (SyncBatchNorm) spatial "
+                                      "BatchNorm is not supported inside torch.compile")
+        res = OPS_RAW.block_backward(g, xd, saved_acc, saved_i32, *_weights_args(w),
+                                     w.bn_running_mean, w.bn_running_var, p_contig,
+                                     *_variant(spec, w.has_bn), bn_batch_stats, need_dx)
+        present = [n for n in _GRAD_FIELDS if getattr(w, n) is not None]
+        return (res[0] if need_dx else None), dict(zip(present, res[1:]))
+
+
+class _Direct:
+    """The same implementation, called without the dispatcher (eager)."""
+
+    @staticmethod
+    def block_forward(xd, p_contig, spec, w, bn_batch_stats, momentum, group=None):
+        from .function import fused_forward
+        return fused_forward(xd, p_contig, spec, w, bn_batch_stats, momentum, group)
+
+    @staticmethod
+    def block_backward(g, xd, p_contig, saved_acc, saved_i32, spec, w, bn_batch_stats, need_dx,
+                       group=None):
+        from .function import fused_backward
+        return fused_backward(g, xd, p_contig, saved_acc, saved_i32, spec, w, bn_batch_stats,
+                              need_dx, group)
+
+
+OPS = _Registered
+DIRECT = _Direct
 
 
 def passes():
-    """The registered ops while torch.compile traces, the launchers directly otherwise."""
+    """The registered ops while torch.compile traces, the direct implementation otherwise."""
     return OPS if torch.compiler.is_compiling() else DIRECT

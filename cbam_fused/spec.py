@@ -58,7 +58,9 @@ class CBAMWeights(NamedTuple):
     fc1/fc2 weights may be Linear-shaped [out, in] or 1x1-conv-shaped [out, in, 1, 1].
     A one-layer channel map (ultralytics: one 1x1 conv C->C) has fc2_weight None.
     The spatial conv weight is [1, spec.spatial_maps, k, k]. BatchNorm entries are
-    None where the variant has no BatchNorm (or no affine / no running stats).
+    None where the variant has no BatchNorm (or no affine / no running stats). In
+    batch-statistics mode the running statistics and the batch counter are updated in
+    place by the forward, as nn.BatchNorm2d does.
     """
     fc1_weight: torch.Tensor
     fc1_bias: Optional[torch.Tensor] = None
@@ -70,6 +72,7 @@ class CBAMWeights(NamedTuple):
     bn_bias: Optional[torch.Tensor] = None
     bn_running_mean: Optional[torch.Tensor] = None
     bn_running_var: Optional[torch.Tensor] = None
+    bn_num_batches_tracked: Optional[torch.Tensor] = None
     has_bn: bool = False
 
     def tensors(self):

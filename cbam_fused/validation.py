@@ -32,7 +32,7 @@ def check_inputs(x, spec: CBAMSpec, w: CBAMWeights, bn_training: bool, channels=
         if t.device != x.device:
             raise ValueError(f"CBAM parameter {name} is on {t.device} but the input is on "
                              f"{x.device}; move the module to the input's device")
-        if not t.is_floating_point():
+        if not t.is_floating_point() and name != "bn_num_batches_tracked":
             raise TypeError(f"CBAM parameter {name} must be floating point, got {t.dtype}")
     _check_weight_shapes(C, spec, w)
     if bn_training and w.has_bn and N * H * W <= 1 and N > 0:

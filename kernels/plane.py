@@ -55,3 +55,73 @@ def _finalize_max_stats(acc_sum, acc_max, acc_idx, acc_cnt, AXIS: tl.constexpr):
     idx = tl.min(tl.where(is_max, acc_idx, 2147483647), AXIS)
     cnt = tl.sum(tl.where(is_max, acc_cnt, 0), AXIS)
     return total, m, idx, cnt
+
+
+@triton.jit
+def _combined_stats(psum_ptr, pmax_ptr, pidx_ptr, pcnt_ptr, base, R, S, offs_r, mask_r,
+                    BLOCK_S: tl.constexpr):
+    """Merge the S partial statistics [S, R] (from `base`) of rows offs_r, in a fixed
+    order, into (sum, max, first index, tie count): the combine step of a split reduction.
+
+        sum = sum_s psum,  max = max_s pmax,  idx = min{pidx_s : pmax_s == max},
+        cnt = sum{pcnt_s : pmax_s == max}            (BLOCK_S >= S)
+    """
+    offs_s = tl.arange(0, BLOCK_S)
+    mask = mask_r[:, None] & (offs_s[None, :] < S)
+    offs = base + offs_s[None, :].to(tl.int64) * R + offs_r[:, None]
+    psum = tl.load(psum_ptr + offs, mask=mask, other=0.0)
+    pmax = tl.load(pmax_ptr + offs, mask=mask, other=float("-inf"))
+    pidx = tl.load(pidx_ptr + offs, mask=mask, other=2147483647)
+    pcnt = tl.load(pcnt_ptr + offs, mask=mask, other=0)
+    return _finalize_max_stats(psum, pmax, pidx, pcnt, 1)
+
+
+@triton.jit
+def _scalar(hi, lo, ACC_DTYPE: tl.constexpr):
+    """A float argument passed as two fp32 halves (hi = fp32(v), lo = fp32(v - hi)):
+    Triton passes Python floats as fp32, which is too coarse for fp64 statistics."""
+    return tl.cast(hi, ACC_DTYPE) + tl.cast(lo, ACC_DTYPE)
+
+
+@triton.jit
+def _combine_moments(mom_ptr, num_parts, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """(count, mean, biased variance) of the union of num_parts groups whose
+    (count, mean, M2) rows lie at mom_ptr ([num_parts, 3]); Chan's parallel combination,
+    in a fixed order (deterministic):
+        count = sum n_i,  mean = sum n_i mean_i / count,
+        M2 = sum M2_i + sum n_i (mean_i - mean)^2,  var = M2 / count
+    """
+    cnt_acc = tl.zeros([BLOCK], ACC_DTYPE)
+    sum_acc = tl.zeros([BLOCK], ACC_DTYPE)
+    for i0 in range(0, num_parts, BLOCK):
+        offs = i0 + tl.arange(0, BLOCK)
+        m = offs < num_parts
+        cnt = tl.load(mom_ptr + offs * 3, mask=m, other=0.0)
+        mean = tl.load(mom_ptr + offs * 3 + 1, mask=m, other=0.0)
+        cnt_acc += cnt
+        sum_acc += cnt * mean
+    count = tl.sum(cnt_acc, 0)
+    mean_all = tl.sum(sum_acc, 0) / count
+    m2_acc = tl.zeros([BLOCK], ACC_DTYPE)
+    for i0 in range(0, num_parts, BLOCK):
+        offs = i0 + tl.arange(0, BLOCK)
+        m = offs < num_parts
+        cnt = tl.load(mom_ptr + offs * 3, mask=m, other=0.0)
+        mean = tl.load(mom_ptr + offs * 3 + 1, mask=m, other=0.0)
+        m2 = tl.load(mom_ptr + offs * 3 + 2, mask=m, other=0.0)
+        d = mean - mean_all
+        m2_acc += tl.where(m, m2 + cnt * d * d, 0.0)
+    return count, mean_all, tl.sum(m2_acc, 0) / count
+
+
+@triton.jit
+def _sum_pairs(part_ptr, num_parts, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """(sum a_i, sum b_i) over the rows (a_i, b_i) of part_ptr ([num_parts, 2]), fixed order."""
+    a_acc = tl.zeros([BLOCK], ACC_DTYPE)
+    b_acc = tl.zeros([BLOCK], ACC_DTYPE)
+    for i0 in range(0, num_parts, BLOCK):
+        offs = i0 + tl.arange(0, BLOCK)
+        m = offs < num_parts
+        a_acc += tl.load(part_ptr + offs * 2, mask=m, other=0.0)
+        b_acc += tl.load(part_ptr + offs * 2 + 1, mask=m, other=0.0)
+    return tl.sum(a_acc, 0), tl.sum(b_acc, 0)

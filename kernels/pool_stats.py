@@ -6,8 +6,9 @@ channels of each position: plane R = H*W, K = C, with ca as a per-column scale.
 Both are the same computation, so one kernel serves both.
 
 A long K can be split over several programs (S splits); each writes a partial
-row and `_combine_stats_kernel` merges the S partials in a fixed order, so the
-result is deterministic with no atomics.
+row, and the small-map kernel that reads the statistics next merges the S partials in
+a fixed order (plane._combined_stats), so the result is deterministic with no atomics
+and the split costs no launch.
 """
 import triton
 import triton.language as tl
@@ -73,41 +74,6 @@ def _pool_stats_kernel(
 
     total, m, idx, cnt = _finalize_max_stats(acc_sum, acc_max, acc_idx, acc_cnt, 1)
     out = (n.to(tl.int64) * num_splits + s) * R + offs_r
-    tl.store(sum_ptr + out, total, mask=mask_r)
-    tl.store(max_ptr + out, m, mask=mask_r)
-    tl.store(idx_ptr + out, idx, mask=mask_r)
-    tl.store(cnt_ptr + out, cnt, mask=mask_r)
-
-
-@triton.jit
-def _combine_stats_kernel(
-    psum_ptr, pmax_ptr,   # [N, S, R] ACC_DTYPE partials from _pool_stats_kernel
-    pidx_ptr, pcnt_ptr,   # [N, S, R] int32
-    sum_ptr, max_ptr,     # [N, R] ACC_DTYPE
-    idx_ptr, cnt_ptr,     # [N, R] int32
-    R, S, num_r_blocks,
-    ACC_DTYPE: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_S: tl.constexpr,  # >= S: all partials of a row in one tile
-):
-    """Merge S partial statistics per row in a fixed order (deterministic):
-         sum = sum_s psum,  max = max_s pmax,  idx = min{pidx_s : pmax_s == max},
-         cnt = sum{pcnt_s : pmax_s == max}
-    """
-    pid = tl.program_id(0)
-    rb = pid % num_r_blocks
-    n = pid // num_r_blocks
-    offs_r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_s = tl.arange(0, BLOCK_S)
-    mask_r = offs_r < R
-    mask = mask_r[:, None] & (offs_s[None, :] < S)
-    offs = (n.to(tl.int64) * S + offs_s[None, :]) * R + offs_r[:, None]
-    psum = tl.load(psum_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
-    pmax = tl.load(pmax_ptr + offs, mask=mask, other=float("-inf")).to(ACC_DTYPE)
-    pidx = tl.load(pidx_ptr + offs, mask=mask, other=2147483647)
-    pcnt = tl.load(pcnt_ptr + offs, mask=mask, other=0)
-    total, m, idx, cnt = _finalize_max_stats(psum, pmax, pidx, pcnt, 1)
-    out = n.to(tl.int64) * R + offs_r
     tl.store(sum_ptr + out, total, mask=mask_r)
     tl.store(max_ptr + out, m, mask=mask_r)
     tl.store(idx_ptr + out, idx, mask=mask_r)

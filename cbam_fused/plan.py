@@ -1,0 +1,218 @@
+"""The launch plan of one fused block: every grid, split and tile size, and the workspace
+layout, as a function of the shape, dtypes, layout, variant and the device's number of
+multiprocessors. Computed once per key and cached, so a call does no planning work.
+
+The multiprocessor count decides the splits of the reduced axis in F1, F2 and B1 (about
+two programs per SM). On CUDA it is the device's; elsewhere (the interpreter) it is
+`INTERPRETER_SM_COUNT`, 1 by default, which tests set to 132 to check the plan an
+H100/H200 gets.
+"""
+import dataclasses
+import functools
+import os
+
+import torch
+import triton
+
+# Tile: TILE_ELEMENTS elements of the big tensor (half for fp64, whose doubled registers
+# spill otherwise), CONTIG_BLOCKS[i] of them along the contiguous dimension.
+TILE_ELEMENTS = 1024
+CONTIG_BLOCKS = (32, 128)
+NUM_WARPS = 4
+MAX_SPLITS = 64       # partial rows merged by one tile of the small-map kernels
+SMALL_TILE = 4096     # elements of one tile in the small-map kernels (half for fp64)
+MAX_HIDDEN = 1024     # hidden units of the channel MLP that one program holds
+WEIGHT_TILE = 32      # rows and columns of a weight-gradient tile
+CONV_GRAD_BLOCK = 64  # conv-gradient entries summed at once
+
+INTERPRETER_SM_COUNT = int(os.environ.get("CBAM_FUSED_SM_COUNT", "1"))
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation and statistics dtype: fp64 for fp64 inputs, fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tile_config(contig_extent: int, dtype: torch.dtype):
+    """(contiguous block, other block) for a plane whose contiguous dimension has this extent."""
+    contig = CONTIG_BLOCKS[0] if contig_extent <= CONTIG_BLOCKS[0] else CONTIG_BLOCKS[-1]
+    elements = TILE_ELEMENTS // 2 if dtype == torch.float64 else TILE_ELEMENTS
+    return contig, elements // contig
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return INTERPRETER_SM_COUNT
+
+
+def splits_for(base_programs: int, blocks: int, sms: int) -> int:
+    """Splits of a reduced axis of `blocks` tiles so a launch of base_programs programs
+    fills about two programs per SM."""
+    want = 2 * sms
+    if base_programs >= want:
+        return 1
+    return max(1, min(triton.cdiv(want, base_programs), blocks, MAX_SPLITS))
+
+
+@dataclasses.dataclass(frozen=True)
+class Reduction:
+    """A split reduction over the K axis of each sample's R x K plane (F1, F2)."""
+    block_r: int
+    block_k: int
+    r_blocks: int
+    splits: int
+    k_per_split: int
+
+    @property
+    def block_s(self):
+        return triton.next_power_of_2(self.splits)
+
+
+def reduction_plan(N, R, K, k_contig, dtype, sms, splits=None) -> Reduction:
+    contig, other = tile_config(K if k_contig else R, dtype)
+    block_k, block_r = (contig, other) if k_contig else (other, contig)
+    r_blocks = triton.cdiv(R, block_r)
+    k_blocks = triton.cdiv(K, block_k)
+    if splits is None:
+        splits = splits_for(N * r_blocks, k_blocks, sms)
+    splits = max(1, min(splits, k_blocks, MAX_SPLITS))
+    k_per_split = triton.cdiv(k_blocks, splits) * block_k
+    return Reduction(block_r, block_k, r_blocks, triton.cdiv(K, k_per_split), k_per_split)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockPlan:
+    N: int
+    C: int
+    H: int
+    W: int
+    hidden: int          # MLP hidden units (C for a one-layer channel map)
+    two_layers: bool
+    spatial: bool        # has a spatial gate
+    p_contig: bool
+    dtype: torch.dtype
+    f1: Reduction        # channel statistics: R = C, K = H*W
+    f2: Reduction        # spatial statistics: R = H*W, K = C
+    block_c: int         # F3, B1, B2, B3 tiles
+    block_p: int
+    c_blocks: int
+    p_blocks: int
+    b1_splits: int       # B1: channel splits (rows of Gs partials)
+    b1_c_per_split: int
+    phi_block_c: int
+    phi_block_h: int
+    psi_block_p: int
+    bwd_block_pb: int    # B1 position-block partials merged at once
+    bwd_block_cs: int    # B1 channel-split partials merged at once
+    wg_tiles1: int       # weight-gradient tiles of W1, W2, and their row-block counts
+    wg_tiles2: int
+    wg_rows1: int
+    wg_rows2: int
+
+    @property
+    def P(self):
+        return self.H * self.W
+
+    @property
+    def acc(self):
+        return acc_dtype(self.dtype)
+
+    @property
+    def Ps(self):
+        """H*W where the spatial maps exist, 0 without a spatial gate."""
+        return self.P if self.spatial else 0
+
+    # ---- workspace layouts: (name, number of elements), carved in this order
+    def saved_acc_layout(self):
+        return saved_layouts(self.N, self.C, self.P, self.hidden, self.spatial)[0]
+
+    def saved_i32_layout(self):
+        return saved_layouts(self.N, self.C, self.P, self.hidden, self.spatial)[1]
+
+    def fwd_scratch_acc_layout(self):
+        N, C, P = self.N, self.C, self.Ps
+        return (("f1_sum", N * self.f1.splits * C), ("f1_max", N * self.f1.splits * C),
+                ("f2_sum", N * self.f2.splits * P), ("f2_max", N * self.f2.splits * P),
+                ("mom", N * 3))
+
+    def fwd_scratch_i32_layout(self):
+        N, C, P = self.N, self.C, self.Ps
+        return (("f1_idx", N * self.f1.splits * C), ("f1_cnt", N * self.f1.splits * C),
+                ("f2_idx", N * self.f2.splits * P), ("f2_cnt", N * self.f2.splits * P))
+
+    def bwd_scratch_layout(self, spatial_kernel_size, spatial_maps):
+        N, C, P = self.N, self.C, self.Ps
+        return (("gs_part", N * self.b1_splits * P), ("gc_part", N * self.p_blocks * C),
+                ("ds", N * P), ("du", N * P), ("dsmean", N * P), ("dsmax", N * P),
+                ("bsums", N * 2), ("cgrad", N * (spatial_maps * spatial_kernel_size ** 2 + 1)),
+                ("gc2", N * C), ("dlog", N * C), ("dh", N * 2 * self.hidden),
+                ("davg", N * C), ("dmx", N * C))
+
+
+def saved_layouts(N, C, P, hidden, spatial):
+    """The two saved workspaces (accumulation dtype, int32) kept for the backward with x:
+    pooled channel statistics, the hidden rows of the MLP, the channel gate, and (with a
+    spatial gate) the spatial statistics, the conv output, the spatial gate and the
+    BatchNorm statistics used. Sizes are polynomials in the shape (torch.compile's fake
+    implementations use them with symbolic sizes)."""
+    Ps = P if spatial else 0
+    acc = (("avg", N * C), ("cmax", N * C), ("ca", N * C), ("h", N * 2 * hidden),
+           ("smean", N * Ps), ("smax", N * Ps), ("u", N * Ps), ("sa", N * Ps), ("bn_stats", 3))
+    i32 = (("cidx", N * C), ("ccnt", N * C), ("sidx", N * Ps), ("scnt", N * Ps))
+    return acc, i32
+
+
+def _pow2_at_least(v: int, lo: int) -> int:
+    return max(lo, triton.next_power_of_2(max(1, v)))
+
+
+@functools.lru_cache(maxsize=4096)
+def block_plan(N: int, C: int, H: int, W: int, hidden: int, two_layers: bool, spatial: bool,
+               p_contig: bool, dtype: torch.dtype, sms: int) -> BlockPlan:
+    """The plan of one block call; see the module docstring."""
+    P = H * W
+    f1 = reduction_plan(N, C, P, p_contig, dtype, sms)
+    f2 = reduction_plan(N, P, C, not p_contig, dtype, sms)
+    contig, other = tile_config(P if p_contig else C, dtype)
+    block_c, block_p = (other, contig) if p_contig else (contig, other)
+    c_blocks, p_blocks = triton.cdiv(C, block_c), triton.cdiv(P, block_p)
+    b1_splits = splits_for(N * p_blocks, c_blocks, sms)
+    b1_c_per_split = triton.cdiv(c_blocks, b1_splits) * block_c
+    b1_splits = triton.cdiv(C, b1_c_per_split)
+
+    small = SMALL_TILE // 2 if dtype == torch.float64 else SMALL_TILE
+    if two_layers:
+        phi_block_h = _pow2_at_least(hidden, 16)
+    else:
+        phi_block_h = 64
+    phi_block_c = max(4, min(small // phi_block_h, small // f1.block_s))
+    block_s = max(f1.block_s, f2.block_s)
+    psi_block_p = max(16, min(256, small // block_s))
+    bwd_block_pb = min(64, _pow2_at_least(p_blocks, 1))
+    bwd_block_cs = min(16, _pow2_at_least(b1_splits, 1))
+    rows1 = triton.cdiv(hidden if two_layers else C, WEIGHT_TILE)
+    rows2 = triton.cdiv(C, WEIGHT_TILE) if two_layers else 0
+    tiles1 = rows1 * triton.cdiv(C, WEIGHT_TILE)
+    tiles2 = rows2 * triton.cdiv(hidden, WEIGHT_TILE) if two_layers else 0
+    return BlockPlan(N, C, H, W, hidden, two_layers, spatial, p_contig, dtype, f1, f2, block_c, block_p,
+                     c_blocks, p_blocks, b1_splits, b1_c_per_split, phi_block_c, phi_block_h,
+                     psi_block_p, bwd_block_pb, bwd_block_cs, tiles1, tiles2, rows1, rows2)
+
+
+def carve(buf: torch.Tensor, layout):
+    """Views of buf, one per (name, size) of layout, in order: {name: 1-D view}."""
+    out, off = {}, 0
+    for name, size in layout:
+        out[name] = buf[off:off + size]
+        off += size
+    return out
+
+
+def layout_size(layout) -> int:
+    return sum(size for _, size in layout)

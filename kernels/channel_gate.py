@@ -1,0 +1,227 @@
+"""The channel map phi, forward and backward, one program per sample (DESIGN.md section 8).
+
+Per sample n, with the pooled channel statistics avg[c], mx[c] of x:
+
+    v_a, v_m  = the MLP inputs:  POOL 0 (avg+max): v_a = avg, v_m = mx   (two branches)
+                                 POOL 1 (mean(avg,max)): v_a = 0.5*avg + 0.5*mx
+                                 POOL 2 (avg): v_a = avg
+    TWO_LAYERS:  h_b = W1 v_b + b1,  o = sum_b (W2 relu(h_b) + b2)     W1 [HID, C], W2 [C, HID]
+    one layer:   o = W1 v_a + b1                                        W1 [C, C] (ultralytics)
+    ca = sigmoid(o)
+
+Backward, from Gc = dL/dca (the sum of B1's partial rows and B2's Gc2):
+    dlogits = Gc * ca * (1 - ca)
+    TWO_LAYERS:  dh_b = (W2^T dlogits) * [h_b > 0],   dv_b = W1^T dh_b
+    one layer:   dv_a = W1^T dlogits
+    davg, dmx from dv (POOL 0: dv_a, dv_m; POOL 1: 0.5*dv_a twice; POOL 2: dv_a, 0)
+
+The weight gradients need sums over samples and are formed in weight_grads.py from the
+rows stored here (dlogits, dh). Weights are read in their own dtype and used in
+ACC_DTYPE. The combine of F1's split partials happens here too, so a split F1 costs no
+extra launch.
+"""
+import triton
+import triton.language as tl
+
+from .plane import _combined_stats
+
+
+@triton.jit
+def _mlp_inputs(avg, mx, POOL: tl.constexpr):
+    if POOL == 0:
+        return avg, mx
+    elif POOL == 1:
+        return 0.5 * avg + 0.5 * mx, mx
+    else:
+        return avg, mx
+
+
+@triton.jit
+def _relu(h):
+    """relu with torch's NaN behaviour: NaN stays NaN."""
+    return tl.where(h <= 0, 0.0, h)
+
+
+@triton.jit
+def _channel_gate_fwd_kernel(
+    psum_ptr, pmax_ptr,   # [N, S, C] ACC_DTYPE   F1 partials over S splits of H*W
+    pidx_ptr, pcnt_ptr,   # [N, S, C] int32
+    w1_ptr,               # [HID, C] (TWO_LAYERS) or [C, C], any float dtype
+    b1_ptr,               # [HID] or [C] (HAS_B1)
+    w2_ptr,               # [C, HID] (TWO_LAYERS)
+    b2_ptr,               # [C] (TWO_LAYERS and HAS_B2)
+    avg_ptr, mx_ptr,      # [N, C] ACC_DTYPE  out: channel mean and max of x
+    idx_ptr, cnt_ptr,     # [N, C] int32      out: first argmax over H*W, tie count
+    h_ptr,                # [N, 2, HID] ACC_DTYPE out: pre-activation hidden rows (TWO_LAYERS)
+    ca_ptr,               # [N, C] ACC_DTYPE  out: channel gate
+    C, P, HID, S,
+    POOL: tl.constexpr,
+    TWO_LAYERS: tl.constexpr,
+    HAS_B1: tl.constexpr,
+    HAS_B2: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_H: tl.constexpr,   # >= HID (TWO_LAYERS); the output block of one layer otherwise
+    BLOCK_S: tl.constexpr,   # >= S
+):
+    """Combine F1's partials, then ca = sigmoid(phi(avg, mx)); see the module docstring."""
+    n = tl.program_id(0)
+    row = n.to(tl.int64) * C
+    pbase = n.to(tl.int64) * S * C
+    offs_h = tl.arange(0, BLOCK_H)
+    mask_h = offs_h < HID
+    acc_a = tl.zeros([BLOCK_H], ACC_DTYPE)
+    acc_m = tl.zeros([BLOCK_H], ACC_DTYPE)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        total, m, idx, cnt = _combined_stats(psum_ptr, pmax_ptr, pidx_ptr, pcnt_ptr, pbase, C, S,
+                                             offs_c, mask_c, BLOCK_S)
+        avg = total / tl.cast(P, ACC_DTYPE)
+        tl.store(avg_ptr + row + offs_c, avg, mask=mask_c)
+        tl.store(mx_ptr + row + offs_c, m, mask=mask_c)
+        tl.store(idx_ptr + row + offs_c, idx, mask=mask_c)
+        tl.store(cnt_ptr + row + offs_c, cnt, mask=mask_c)
+        if TWO_LAYERS:
+            v_a, v_m = _mlp_inputs(avg, m, POOL)
+            v_a = tl.where(mask_c, v_a, 0.0)
+            v_m = tl.where(mask_c, v_m, 0.0)
+            wmask = mask_h[:, None] & mask_c[None, :]
+            w1 = tl.load(w1_ptr + offs_h[:, None] * C + offs_c[None, :], mask=wmask,
+                         other=0.0).to(ACC_DTYPE)
+            acc_a += tl.sum(w1 * v_a[None, :], 1)
+            if POOL == 0:
+                acc_m += tl.sum(w1 * v_m[None, :], 1)
+    if TWO_LAYERS:
+        if HAS_B1:
+            b1 = tl.load(b1_ptr + offs_h, mask=mask_h, other=0.0).to(ACC_DTYPE)
+            acc_a += b1
+            acc_m += b1
+        hrow = n.to(tl.int64) * 2 * HID
+        tl.store(h_ptr + hrow + offs_h, acc_a, mask=mask_h)
+        if POOL == 0:
+            tl.store(h_ptr + hrow + HID + offs_h, acc_m, mask=mask_h)
+        r_a = tl.where(mask_h, _relu(acc_a), 0.0)
+        r_m = tl.where(mask_h, _relu(acc_m), 0.0)
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mask_c = offs_c < C
+            wmask = mask_h[:, None] & mask_c[None, :]
+            w2 = tl.load(w2_ptr + offs_c[None, :] * HID + offs_h[:, None], mask=wmask,
+                         other=0.0).to(ACC_DTYPE)
+            o = tl.sum(w2 * r_a[:, None], 0)
+            if HAS_B2:
+                b2 = tl.load(b2_ptr + offs_c, mask=mask_c, other=0.0).to(ACC_DTYPE)
+                o += b2
+            if POOL == 0:
+                o2 = tl.sum(w2 * r_m[:, None], 0)
+                if HAS_B2:
+                    o2 += b2
+                o = o + o2
+            tl.store(ca_ptr + row + offs_c, tl.sigmoid(o), mask=mask_c)
+    else:
+        # one layer C -> C: every output needs every avg[k], stored above by other threads
+        tl.debug_barrier()
+        for c0 in range(0, C, BLOCK_H):
+            offs_o = c0 + offs_h
+            mask_o = offs_o < C
+            o = tl.zeros([BLOCK_H], ACC_DTYPE)
+            for k0 in range(0, C, BLOCK_C):
+                offs_k = k0 + tl.arange(0, BLOCK_C)
+                mask_k = offs_k < C
+                v = tl.load(avg_ptr + row + offs_k, mask=mask_k, other=0.0)
+                w = tl.load(w1_ptr + offs_o[:, None].to(tl.int64) * C + offs_k[None, :],
+                            mask=mask_o[:, None] & mask_k[None, :], other=0.0).to(ACC_DTYPE)
+                o += tl.sum(w * v[None, :], 1)
+            if HAS_B1:
+                o += tl.load(b1_ptr + offs_o, mask=mask_o, other=0.0).to(ACC_DTYPE)
+            tl.store(ca_ptr + row + offs_o, tl.sigmoid(o), mask=mask_o)
+
+
+@triton.jit
+def _channel_gate_bwd_kernel(
+    gc_part_ptr,   # [N, PB, C] ACC_DTYPE  B1's partial rows of Gc1 over PB position blocks
+    gc2_ptr,       # [N, C] ACC_DTYPE      B2's Gc2 (HAS_GC2)
+    ca_ptr,        # [N, C] ACC_DTYPE
+    h_ptr,         # [N, 2, HID] ACC_DTYPE (TWO_LAYERS)
+    w1_ptr,        # [HID, C] or [C, C]
+    w2_ptr,        # [C, HID] (TWO_LAYERS)
+    dlog_ptr,      # [N, C] ACC_DTYPE out: dL/dlogits
+    dh_ptr,        # [N, 2, HID] ACC_DTYPE out: dL/dh (TWO_LAYERS)
+    davg_ptr,      # [N, C] ACC_DTYPE out
+    dmx_ptr,       # [N, C] ACC_DTYPE out
+    C, HID, PB,
+    POOL: tl.constexpr,
+    TWO_LAYERS: tl.constexpr,
+    HAS_GC2: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_PB: tl.constexpr,
+):
+    """dlogits, dh, davg, dmx of one sample; see the module docstring."""
+    n = tl.program_id(0)
+    row = n.to(tl.int64) * C
+    offs_h = tl.arange(0, BLOCK_H)
+    mask_h = offs_h < HID
+    dr = tl.zeros([BLOCK_H], ACC_DTYPE)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        gc = tl.zeros([BLOCK_C], ACC_DTYPE)
+        for b0 in range(0, PB, BLOCK_PB):
+            offs_b = b0 + tl.arange(0, BLOCK_PB)
+            m = mask_c[:, None] & (offs_b[None, :] < PB)
+            part = tl.load(gc_part_ptr + (n.to(tl.int64) * PB + offs_b[None, :]) * C
+                           + offs_c[:, None], mask=m, other=0.0)
+            gc += tl.sum(part, 1)
+        if HAS_GC2:
+            gc = gc + tl.load(gc2_ptr + row + offs_c, mask=mask_c, other=0.0)
+        ca = tl.load(ca_ptr + row + offs_c, mask=mask_c, other=0.0)
+        dlog = gc * (ca * (1 - ca))
+        tl.store(dlog_ptr + row + offs_c, dlog, mask=mask_c)
+        if TWO_LAYERS:
+            w2 = tl.load(w2_ptr + offs_c[None, :] * HID + offs_h[:, None],
+                         mask=mask_h[:, None] & mask_c[None, :], other=0.0).to(ACC_DTYPE)
+            dr += tl.sum(w2 * tl.where(mask_c, dlog, 0.0)[None, :], 1)
+    if TWO_LAYERS:
+        hrow = n.to(tl.int64) * 2 * HID
+        h_a = tl.load(h_ptr + hrow + offs_h, mask=mask_h, other=0.0)
+        dh_a = tl.where(mask_h, tl.where(h_a <= 0, 0.0, dr), 0.0)  # relu backward (NaN passes)
+        tl.store(dh_ptr + hrow + offs_h, dh_a, mask=mask_h)
+        if POOL == 0:
+            h_m = tl.load(h_ptr + hrow + HID + offs_h, mask=mask_h, other=0.0)
+            dh_m = tl.where(mask_h, tl.where(h_m <= 0, 0.0, dr), 0.0)
+            tl.store(dh_ptr + hrow + HID + offs_h, dh_m, mask=mask_h)
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mask_c = offs_c < C
+            w1 = tl.load(w1_ptr + offs_h[:, None] * C + offs_c[None, :],
+                         mask=mask_h[:, None] & mask_c[None, :], other=0.0).to(ACC_DTYPE)
+            dv_a = tl.sum(w1 * dh_a[:, None], 0)
+            if POOL == 0:
+                tl.store(davg_ptr + row + offs_c, dv_a, mask=mask_c)
+                tl.store(dmx_ptr + row + offs_c, tl.sum(w1 * dh_m[:, None], 0), mask=mask_c)
+            elif POOL == 1:
+                half = 0.5 * dv_a
+                tl.store(davg_ptr + row + offs_c, half, mask=mask_c)
+                tl.store(dmx_ptr + row + offs_c, half, mask=mask_c)
+            else:
+                tl.store(davg_ptr + row + offs_c, dv_a, mask=mask_c)
+                tl.store(dmx_ptr + row + offs_c, tl.zeros([BLOCK_C], ACC_DTYPE), mask=mask_c)
+    else:
+        # one layer: davg[k] = sum_c W1[c, k] dlogits[c], with dlogits stored above
+        tl.debug_barrier()
+        for k0 in range(0, C, BLOCK_H):
+            offs_k = k0 + offs_h
+            mask_k = offs_k < C
+            dv = tl.zeros([BLOCK_H], ACC_DTYPE)
+            for c0 in range(0, C, BLOCK_C):
+                offs_c = c0 + tl.arange(0, BLOCK_C)
+                mask_c = offs_c < C
+                dlog = tl.load(dlog_ptr + row + offs_c, mask=mask_c, other=0.0)
+                w = tl.load(w1_ptr + offs_c[None, :].to(tl.int64) * C + offs_k[:, None],
+                            mask=mask_k[:, None] & mask_c[None, :], other=0.0).to(ACC_DTYPE)
+                dv += tl.sum(w * dlog[None, :], 1)
+            tl.store(davg_ptr + row + offs_k, dv, mask=mask_k)
+            tl.store(dmx_ptr + row + offs_k, tl.zeros([BLOCK_H], ACC_DTYPE), mask=mask_k)

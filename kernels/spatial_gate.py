@@ -1,0 +1,300 @@
+"""The spatial map psi, forward and backward, one program per sample (DESIGN.md section 8).
+
+Per sample n, with the spatial statistics of y = x * ca (smean[p] = mean over channels,
+smax[p] = max), and the conv input maps z_m (POOL_ORDER 0: [smax, smean], the official
+order; 1: [smean, smax], timm and ultralytics; 2: [0.5*smean + 0.5*smax], timm Light):
+
+    u[p]  = sum_m sum_t w[m, t] z_m[p + off(t)] (+ b)     k x k taps t, zero padding k//2
+    s     = BatchNorm(u)    BN_MODE 0: none (s = u); 1: eval, running statistics;
+                            2: batch statistics over every sample (and process)
+    sa    = sigmoid(s)
+
+BN_MODE 2 needs statistics of u over all N*H*W before any sa exists: each program writes
+its sample's (count, mean, M2) row and F3 (gate_apply.py) combines the rows in a fixed
+order. Backward, from ds = dL/ds (= Gs * sa * (1 - sa), Gs from B1):
+
+    BN 2: du = (ds - mean(ds) - uhat * mean(ds * uhat)) * invstd * gamma   (means over all)
+    BN 1: du = ds * invstd * gamma;     BN 0: du = ds
+    dz_m[q] = sum_t w[m, t] du[q - off(t)]      -> dsmean, dsmax
+    dw[m, t] = sum_p du[p] z_m[p + off(t)],  db = sum_p du[p]   (per-sample rows, summed
+                                                                in weight_grads.py)
+
+The maps of one sample are small (H*W values): a program writes a map and, after a
+barrier, reads its neighbours back from L1/L2.
+"""
+import triton
+import triton.language as tl
+
+from .plane import _combine_moments, _combined_stats, _scalar, _sum_pairs
+
+
+@triton.jit
+def _shifted(py, px, mask_p, t, H, W, KSIZE: tl.constexpr, SIGN: tl.constexpr):
+    """Flat index and validity of the position (py, px) + SIGN * off(t)."""
+    dy = t // KSIZE - KSIZE // 2
+    dx = t % KSIZE - KSIZE // 2
+    qy = py + SIGN * dy
+    qx = px + SIGN * dx
+    valid = mask_p & (qy >= 0) & (qy < H) & (qx >= 0) & (qx < W)
+    return qy * W + qx, valid
+
+
+@triton.jit
+def _conv_inputs(smean_ptr, smax_ptr, q, valid, POOL_ORDER: tl.constexpr):
+    """(z_0, z_1) at positions q, zero outside the map (z_1 unused for POOL_ORDER 2)."""
+    zmean = tl.load(smean_ptr + q, mask=valid, other=0.0)
+    zmax = tl.load(smax_ptr + q, mask=valid, other=0.0)
+    if POOL_ORDER == 0:
+        return zmax, zmean
+    elif POOL_ORDER == 1:
+        return zmean, zmax
+    else:
+        return 0.5 * zmean + 0.5 * zmax, zmax
+
+
+@triton.jit
+def _spatial_gate_fwd_kernel(
+    psum_ptr, pmax_ptr,   # [N, S, P] ACC_DTYPE  F2 partials over S splits of the channels
+    pidx_ptr, pcnt_ptr,   # [N, S, P] int32
+    convw_ptr,            # [1, M, K, K] any float dtype (M = 1 for POOL_ORDER 2, else 2)
+    convb_ptr,            # [1] (HAS_CONV_BIAS)
+    bnw_ptr, bnb_ptr,     # [1] BatchNorm affine (HAS_BN_W, HAS_BN_B)
+    rm_ptr, rv_ptr,       # [1] running statistics (BN_MODE 1)
+    smean_ptr, smax_ptr,  # [N, P] ACC_DTYPE out: channel mean and max of y
+    sidx_ptr, scnt_ptr,   # [N, P] int32 out: first argmax channel, tie count
+    u_ptr,                # [N, P] ACC_DTYPE out: conv output
+    sa_ptr,               # [N, P] ACC_DTYPE out: spatial gate (BN_MODE 0, 1)
+    mom_ptr,              # [N, 3] ACC_DTYPE out: (count, mean, M2) of u per sample (BN_MODE 2)
+    bn_stats_ptr,         # [3] ACC_DTYPE out: (mean, invstd, count) used (BN_MODE 1)
+    C, H, W, S, eps_hi, eps_lo,
+    POOL_ORDER: tl.constexpr,
+    KSIZE: tl.constexpr,
+    HAS_CONV_BIAS: tl.constexpr,
+    BN_MODE: tl.constexpr,
+    HAS_BN_W: tl.constexpr,
+    HAS_BN_B: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_S: tl.constexpr,   # >= S
+):
+    """Combine F2's partials, then u = conv(z) and, unless BN_MODE 2, sa = sigmoid(BN(u))."""
+    n = tl.program_id(0)
+    P = H * W
+    row = n.to(tl.int64) * P
+    KK: tl.constexpr = KSIZE * KSIZE
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < P
+        total, m, idx, cnt = _combined_stats(psum_ptr, pmax_ptr, pidx_ptr, pcnt_ptr,
+                                             row * S, P, S, offs_p, mask_p, BLOCK_S)
+        tl.store(smean_ptr + row + offs_p, total / tl.cast(C, ACC_DTYPE), mask=mask_p)
+        tl.store(smax_ptr + row + offs_p, m, mask=mask_p)
+        tl.store(sidx_ptr + row + offs_p, idx, mask=mask_p)
+        tl.store(scnt_ptr + row + offs_p, cnt, mask=mask_p)
+    tl.debug_barrier()  # the conv reads neighbours that other threads stored
+
+    if BN_MODE == 1:
+        mean = tl.load(rm_ptr).to(ACC_DTYPE)
+        invstd = 1.0 / tl.sqrt(tl.load(rv_ptr).to(ACC_DTYPE) + _scalar(eps_hi, eps_lo, ACC_DTYPE))
+        if n == 0:
+            tl.store(bn_stats_ptr, mean)
+            tl.store(bn_stats_ptr + 1, invstd)
+            tl.store(bn_stats_ptr + 2, tl.cast(0, ACC_DTYPE))
+    usum = tl.zeros([BLOCK_P], ACC_DTYPE)
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < P
+        py = offs_p // W
+        px = offs_p % W
+        acc = tl.zeros([BLOCK_P], ACC_DTYPE)
+        for t in range(KK):
+            q, valid = _shifted(py, px, mask_p, t, H, W, KSIZE, 1)
+            z0, z1 = _conv_inputs(smean_ptr + row, smax_ptr + row, q, valid, POOL_ORDER)
+            acc += tl.load(convw_ptr + t).to(ACC_DTYPE) * z0
+            if POOL_ORDER != 2:
+                acc += tl.load(convw_ptr + KK + t).to(ACC_DTYPE) * z1
+        if HAS_CONV_BIAS:
+            acc += tl.load(convb_ptr).to(ACC_DTYPE)
+        tl.store(u_ptr + row + offs_p, acc, mask=mask_p)
+        if BN_MODE == 2:
+            usum += tl.where(mask_p, acc, 0.0)
+        else:
+            s = acc
+            if BN_MODE == 1:
+                s = (s - mean) * invstd
+                if HAS_BN_W:
+                    s = s * tl.load(bnw_ptr).to(ACC_DTYPE)
+                if HAS_BN_B:
+                    s = s + tl.load(bnb_ptr).to(ACC_DTYPE)
+            tl.store(sa_ptr + row + offs_p, tl.sigmoid(s), mask=mask_p)
+    if BN_MODE == 2:
+        # two passes over this sample's u: mean, then the sum of squared deviations
+        count = tl.cast(P, ACC_DTYPE)
+        mean_n = tl.sum(usum, 0) / count
+        tl.debug_barrier()
+        m2 = tl.zeros([BLOCK_P], ACC_DTYPE)
+        for p0 in range(0, P, BLOCK_P):
+            offs_p = p0 + tl.arange(0, BLOCK_P)
+            mask_p = offs_p < P
+            d = tl.load(u_ptr + row + offs_p, mask=mask_p, other=0.0) - mean_n
+            m2 += tl.where(mask_p, d * d, 0.0)
+        tl.store(mom_ptr + n * 3, count)
+        tl.store(mom_ptr + n * 3 + 1, mean_n)
+        tl.store(mom_ptr + n * 3 + 2, tl.sum(m2, 0))
+
+
+@triton.jit
+def _spatial_gate_bwd_stats_kernel(
+    gs_part_ptr,   # [N, CS, P] ACC_DTYPE B1's partial rows of Gs over CS channel splits
+    sa_ptr,        # [N, P] ACC_DTYPE
+    u_ptr,         # [N, P] ACC_DTYPE (BN_MODE > 0)
+    bn_stats_ptr,  # [3] (mean, invstd, count) the forward normalized with (BN_MODE > 0)
+    ds_ptr,        # [N, P] ACC_DTYPE out: dL/ds
+    sums_ptr,      # [N, 2] ACC_DTYPE out: (sum ds, sum ds * uhat) of the sample (BN_MODE > 0)
+    P, CS,
+    BN_MODE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_CS: tl.constexpr,
+):
+    """ds = Gs * sa * (1 - sa), and the sample's BatchNorm-backward sums."""
+    n = tl.program_id(0)
+    row = n.to(tl.int64) * P
+    if BN_MODE > 0:
+        mean = tl.load(bn_stats_ptr)
+        invstd = tl.load(bn_stats_ptr + 1)
+    acc_ds = tl.zeros([BLOCK_P], ACC_DTYPE)
+    acc_dsu = tl.zeros([BLOCK_P], ACC_DTYPE)
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < P
+        gs = tl.zeros([BLOCK_P], ACC_DTYPE)
+        for b0 in range(0, CS, BLOCK_CS):
+            offs_b = b0 + tl.arange(0, BLOCK_CS)
+            m = mask_p[:, None] & (offs_b[None, :] < CS)
+            part = tl.load(gs_part_ptr + (n.to(tl.int64) * CS + offs_b[None, :]) * P
+                           + offs_p[:, None], mask=m, other=0.0)
+            gs += tl.sum(part, 1)
+        sa = tl.load(sa_ptr + row + offs_p, mask=mask_p, other=0.0)
+        ds = gs * (sa * (1 - sa))
+        tl.store(ds_ptr + row + offs_p, ds, mask=mask_p)
+        if BN_MODE > 0:
+            uhat = (tl.load(u_ptr + row + offs_p, mask=mask_p, other=0.0) - mean) * invstd
+            acc_ds += tl.where(mask_p, ds, 0.0)
+            acc_dsu += tl.where(mask_p, ds * uhat, 0.0)
+    if BN_MODE > 0:
+        tl.store(sums_ptr + n * 2, tl.sum(acc_ds, 0))
+        tl.store(sums_ptr + n * 2 + 1, tl.sum(acc_dsu, 0))
+
+
+@triton.jit
+def _spatial_gate_bwd_kernel(
+    ds_ptr,        # [N, P] ACC_DTYPE dL/ds
+    u_ptr,         # [N, P] ACC_DTYPE (BN_MODE 2)
+    bn_stats_ptr,  # [3] (mean, invstd, count) (BN_MODE > 0)
+    sums_ptr,      # [NPARTS, 2] (sum ds, sum ds*uhat) over every sample (and process) (BN_MODE 2)
+    bnw_ptr,       # [1] (HAS_BN_W)
+    convw_ptr,     # [1, M, K, K]
+    smean_ptr, smax_ptr,   # [N, P] ACC_DTYPE conv input maps (for the weight gradient)
+    du_ptr,        # [N, P] ACC_DTYPE out (scratch): dL/du
+    dsmean_ptr, dsmax_ptr, # [N, P] ACC_DTYPE out
+    cgrad_ptr,     # [N, M*K*K + 1] ACC_DTYPE out: this sample's conv weight and bias gradients
+    H, W, NPARTS,
+    POOL_ORDER: tl.constexpr,
+    KSIZE: tl.constexpr,
+    BN_MODE: tl.constexpr,
+    HAS_BN_W: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """du through BatchNorm, dsmean/dsmax through the conv, per-sample conv gradients."""
+    n = tl.program_id(0)
+    P = H * W
+    row = n.to(tl.int64) * P
+    KK: tl.constexpr = KSIZE * KSIZE
+    M: tl.constexpr = 1 if POOL_ORDER == 2 else 2
+    if BN_MODE > 0:
+        mean = tl.load(bn_stats_ptr)
+        invstd = tl.load(bn_stats_ptr + 1)
+        scale = invstd
+        if HAS_BN_W:
+            scale = invstd * tl.load(bnw_ptr).to(ACC_DTYPE)
+    if BN_MODE == 2:
+        count = tl.load(bn_stats_ptr + 2)
+        total_ds, total_dsu = _sum_pairs(sums_ptr, NPARTS, ACC_DTYPE, 64)
+        mean_dy = total_ds / count
+        mean_dyu = total_dsu / count
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < P
+        du = tl.load(ds_ptr + row + offs_p, mask=mask_p, other=0.0)
+        if BN_MODE == 2:
+            uhat = (tl.load(u_ptr + row + offs_p, mask=mask_p, other=0.0) - mean) * invstd
+            du = (du - mean_dy - uhat * mean_dyu) * scale
+        elif BN_MODE == 1:
+            du = du * scale
+        tl.store(du_ptr + row + offs_p, du, mask=mask_p)
+    tl.debug_barrier()  # the transposed conv reads neighbours that other threads stored
+
+    bsum = tl.zeros([BLOCK_P], ACC_DTYPE)
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < P
+        py = offs_p // W
+        px = offs_p % W
+        dz0 = tl.zeros([BLOCK_P], ACC_DTYPE)
+        dz1 = tl.zeros([BLOCK_P], ACC_DTYPE)
+        for t in range(KK):
+            q, valid = _shifted(py, px, mask_p, t, H, W, KSIZE, -1)
+            d = tl.load(du_ptr + row + q, mask=valid, other=0.0)
+            dz0 += tl.where(valid, tl.load(convw_ptr + t).to(ACC_DTYPE) * d, 0.0)
+            if M == 2:
+                dz1 += tl.where(valid, tl.load(convw_ptr + KK + t).to(ACC_DTYPE) * d, 0.0)
+        if POOL_ORDER == 0:
+            dmean, dmax = dz1, dz0
+        elif POOL_ORDER == 1:
+            dmean, dmax = dz0, dz1
+        else:
+            dmean = 0.5 * dz0
+            dmax = dmean
+        tl.store(dsmean_ptr + row + offs_p, dmean, mask=mask_p)
+        tl.store(dsmax_ptr + row + offs_p, dmax, mask=mask_p)
+        bsum += tl.where(mask_p, tl.load(du_ptr + row + offs_p, mask=mask_p, other=0.0), 0.0)
+
+    crow = n.to(tl.int64) * (M * KK + 1)
+    for t in range(KK):
+        a0 = tl.zeros([BLOCK_P], ACC_DTYPE)
+        a1 = tl.zeros([BLOCK_P], ACC_DTYPE)
+        for p0 in range(0, P, BLOCK_P):
+            offs_p = p0 + tl.arange(0, BLOCK_P)
+            mask_p = offs_p < P
+            q, valid = _shifted(offs_p // W, offs_p % W, mask_p, t, H, W, KSIZE, 1)
+            d = tl.load(du_ptr + row + offs_p, mask=mask_p, other=0.0)
+            z0, z1 = _conv_inputs(smean_ptr + row, smax_ptr + row, q, valid, POOL_ORDER)
+            a0 += tl.where(valid, d * z0, 0.0)
+            if M == 2:
+                a1 += tl.where(valid, d * z1, 0.0)
+        tl.store(cgrad_ptr + crow + t, tl.sum(a0, 0))
+        if M == 2:
+            tl.store(cgrad_ptr + crow + KK + t, tl.sum(a1, 0))
+    tl.store(cgrad_ptr + crow + M * KK, tl.sum(bsum, 0))
+
+
+@triton.jit
+def _bn_partials_reduce_kernel(
+    part_ptr,   # [NPARTS, 3] (count, mean, M2) rows (MOMENTS) or [NPARTS, 2] (sum, sum) rows
+    out_ptr,    # [3] or [2] ACC_DTYPE: the one row of this process, for SyncBatchNorm's all_gather
+    NPARTS,
+    MOMENTS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    """This process's per-sample BatchNorm rows combined into one, in a fixed order."""
+    if MOMENTS:
+        count, mean, var = _combine_moments(part_ptr, NPARTS, ACC_DTYPE, 64)
+        tl.store(out_ptr, count)
+        tl.store(out_ptr + 1, mean)
+        tl.store(out_ptr + 2, var * count)
+    else:
+        a, b = _sum_pairs(part_ptr, NPARTS, ACC_DTYPE, 64)
+        tl.store(out_ptr, a)
+        tl.store(out_ptr + 1, b)
