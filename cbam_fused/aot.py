@@ -26,10 +26,14 @@ import torch
 import triton
 import triton.language as tl
 
-from . import launchers as L
+from . import plan as PL
 from .kernels.backward import _bwd_gate_sums_kernel, _bwd_input_kernel, _bwd_spatial_pool_kernel
+from .kernels.channel_gate import _channel_gate_bwd_kernel, _channel_gate_fwd_kernel
 from .kernels.gate_apply import _gate_apply_kernel
-from .kernels.pool_stats import _combine_stats_kernel, _pool_stats_kernel
+from .kernels.pool_stats import _pool_stats_kernel
+from .kernels.spatial_gate import (_bn_partials_reduce_kernel, _spatial_gate_bwd_kernel,
+                                   _spatial_gate_bwd_stats_kernel, _spatial_gate_fwd_kernel)
+from .kernels.weight_grads import _weight_grads_kernel
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ARCHS = (80, 90)
@@ -38,7 +42,8 @@ _TL_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"
 # Arguments specialized as divisible by 16 (pointers are aligned, plane sizes typical).
 _DIVISIBLE_INTS = {"R", "K", "C", "P", "k_per_split", "c_per_split"}
 # Integer arguments that are never 1 (multiples of a block of at least 32).
-_NEVER_ONE = {"k_per_split", "c_per_split"}
+_NEVER_ONE = {"k_per_split", "c_per_split", "CG"}
+
 
 # H100 SM limits, for the theoretical occupancy column.
 SM_REGS, SM_MAX_WARPS, SM_MAX_BLOCKS, SM_SMEM = 65536, 64, 32, 228 * 1024
@@ -62,21 +67,28 @@ class Build:
 def int_args(kernel):
     """The integer (non-pointer, non-constexpr) arguments of a kernel."""
     cx = {p.name for p in kernel.params if p.is_constexpr}
-    return [n for n in kernel.arg_names if not n.endswith("_ptr") and n not in cx]
+    return [n for n in kernel.arg_names
+            if not n.endswith("_ptr") and n not in cx and n not in _FLOAT_ARGS]
 
 
 def _with_ones(builds):
     """Builds with integer arguments equal to 1 (see the module docstring): for fp32 I/O,
     every integer that can be 1 set to 1 together and each alone; for fp64, all together.
-    One tile width per kernel and flag set."""
-    out, seen = [], set()
+    Per kernel, dtype and layout, the build with the most flags on (integers are used on
+    the most code paths there)."""
+    chosen = {}
     for b in builds:
         if b.dtype not in (torch.float32, torch.float64):
             continue
-        flags = tuple((k, v) for k, v in b.constexprs if not k.startswith("BLOCK_"))
-        if (b.kernel, b.dtype, flags) in seen:
-            continue
-        seen.add((b.kernel, b.dtype, flags))
+        flags = tuple((k, v) for k, v in b.constexprs
+                      if not k.startswith("BLOCK_") and k != "ACC_DTYPE")
+        layout = tuple((k, v) for k, v in flags if k in ("P_CONTIG", "K_CONTIG"))
+        key = (b.kernel, b.dtype, layout)
+        weight = sum(1 for _, v in flags if v is True or (type(v) is int and v > 0))
+        if key not in chosen or weight > chosen[key][0]:
+            chosen[key] = (weight, b)
+    out = []
+    for _, b in chosen.values():
         can_be_one = [n for n in int_args(b.kernel) if n not in _NEVER_ONE]
         subsets = [tuple(can_be_one)]
         if b.dtype == torch.float32:
@@ -89,8 +101,14 @@ def _short(v):
     return str(v).replace("triton.language.", "")
 
 
+_FLOAT_ARGS = {"eps_hi", "eps_lo", "mom_hi", "mom_lo"}
+
+
 def _pointer_types(kernel, dtype):
-    """Triton pointer type for each pointer argument: I/O tensors in dtype, the rest by name."""
+    """Triton pointer type of each pointer argument: the big tensors in the I/O dtype,
+    indices and counts int32, the batch counter int64, everything else (statistics,
+    parameters, BatchNorm buffers, parameter gradients) in the accumulation dtype, the
+    dtype of a module's parameters unless the user casts them."""
     acc = "fp64" if dtype == torch.float64 else "fp32"
     io = _TL_NAME[dtype]
     types = {}
@@ -99,6 +117,8 @@ def _pointer_types(kernel, dtype):
             continue
         if name in ("x_ptr", "g_ptr", "out_ptr", "dx_ptr"):
             types[name] = "*" + io
+        elif name == "nbt_ptr":
+            types[name] = "*i64"
         elif "idx" in name or "cnt" in name:
             types[name] = "*i32"
         else:
@@ -108,14 +128,95 @@ def _pointer_types(kernel, dtype):
 
 def _tile_variants(dtype):
     """(contiguous-first flag, contiguous block, other block) for every tile the launchers pick."""
-    for contig in L.CONTIG_BLOCKS:
-        c_blk, o_blk = L.tile_config(contig, dtype)
+    for contig in PL.CONTIG_BLOCKS:
+        c_blk, o_blk = PL.tile_config(contig, dtype)
         for flag in (True, False):
             yield flag, c_blk, o_blk
 
 
+def _product(options: dict):
+    """Every assignment of the option lists in `options` (a dict of name -> values)."""
+    combos = [{}]
+    for name, values in options.items():
+        combos = [dict(c, **{name: v}) for c in combos for v in values]
+    return combos
+
+
+def _small_map_configs(acc_dtypes):
+    """(kernel, io dtype, constexprs) of the small-map kernels. Their flags select code
+    paths and their tiles set register pressure, independently: with fp32 statistics
+    every flag combination is built at one tile, and every tile the plan can pick with
+    the most flags on (the most live values); with fp64 statistics (half tiles) every
+    tile with the most flags on. BatchNorm's affine flags are built together (nn.BatchNorm2d
+    has both or neither)."""
+    out = []
+    bs_all = PL.MERGE_BLOCKS
+
+    def add(kernel, dtype, acc, flag_sets, heavy, tiles):
+        """flag_sets at tiles[0] (fp32 only), heavy at every tile."""
+        for i, tile in enumerate(tiles):
+            sets = flag_sets if (i == 0 and dtype == torch.float32) else [heavy]
+            for flags in sets:
+                out.append((kernel, dtype, dict(flags, **tile, ACC_DTYPE=acc)))
+
+    for dtype in acc_dtypes:
+        acc = tl.float64 if dtype == torch.float64 else tl.float32
+        # phi: BLOCK_H holds the hidden units (two layers) or one block of outputs (one layer)
+        for two in (True, False):
+            hid_tiles = [(2 ** i, 1) for i in range(4, 11)] + [(16, 64), (1024, 8), (1024, 64)]
+            tiles = hid_tiles if two else [(64, b) for b in bs_all]
+            fwd, bwd = [], []
+            for hidden, bs in tiles:
+                block_c, block_h = PL.phi_tiles(hidden, two, bs, dtype)
+                fwd.append(dict(BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_S=bs))
+                bwd.append(dict(BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_PB=bs))
+            add(_channel_gate_fwd_kernel, dtype, acc,
+                [dict(f, TWO_LAYERS=two) for f in _product(dict(
+                    POOL=[0, 1, 2], HAS_B1=[False, True], HAS_B2=[False, True] if two else [False]))],
+                dict(POOL=0, HAS_B1=True, HAS_B2=two, TWO_LAYERS=two), fwd)
+            add(_channel_gate_bwd_kernel, dtype, acc,
+                [dict(f, TWO_LAYERS=two) for f in _product(dict(POOL=[0, 1, 2], HAS_GC2=[False, True]))],
+                dict(POOL=0, HAS_GC2=True, TWO_LAYERS=two), bwd)
+        # psi
+        bn_sets = [dict(BN_MODE=0, HAS_BN_W=False, HAS_BN_B=False)] + [
+            dict(BN_MODE=m, HAS_BN_W=a, HAS_BN_B=a) for m in (1, 2) for a in (False, True)]
+        psi_tiles = [dict(BLOCK_P=PL.psi_block_p(bs, dtype), BLOCK_S=bs) for bs in bs_all]
+        psi_sets = [dict(f, **bn) for f in _product(dict(POOL_ORDER=[0, 1, 2], KSIZE=[7],
+                                                         HAS_CONV_BIAS=[False, True]))
+                    for bn in bn_sets] + [dict(POOL_ORDER=0, KSIZE=3, HAS_CONV_BIAS=True,
+                                               BN_MODE=2, HAS_BN_W=True, HAS_BN_B=True)]
+        add(_spatial_gate_fwd_kernel, dtype, acc, psi_sets,
+            dict(POOL_ORDER=0, KSIZE=7, HAS_CONV_BIAS=True, BN_MODE=1, HAS_BN_W=True,
+                 HAS_BN_B=True), psi_tiles)
+        add(_spatial_gate_bwd_stats_kernel, dtype, acc, [dict(BN_MODE=m) for m in (0, 1, 2)],
+            dict(BN_MODE=2), [dict(BLOCK_P=t["BLOCK_P"], BLOCK_CS=t["BLOCK_S"]) for t in psi_tiles])
+        add(_spatial_gate_bwd_kernel, dtype, acc,
+            [dict(POOL_ORDER=o, KSIZE=7, BN_MODE=bn["BN_MODE"], HAS_BN_W=bn["HAS_BN_W"])
+             for o in (0, 1, 2) for bn in bn_sets],
+            dict(POOL_ORDER=0, KSIZE=7, BN_MODE=2, HAS_BN_W=True),
+            [dict(BLOCK_P=t["BLOCK_P"]) for t in psi_tiles])
+        add(_bn_partials_reduce_kernel, dtype, acc, [dict(MOMENTS=False), dict(MOMENTS=True)],
+            dict(MOMENTS=True), [{}])
+        # parameter gradients: the MLP part and the conv/BatchNorm part run in separate
+        # programs, so each part's flags are built with the other part's flags all on
+        mlp = [f for f in _product(dict(POOL=[0, 1, 2], TWO_LAYERS=[False, True],
+                                        HAS_B1=[False, True], HAS_B2=[False, True]))
+               if f["TWO_LAYERS"] or not f["HAS_B2"]]
+        conv_on = dict(HAS_CONV=True, HAS_CONV_BIAS=True, HAS_BN_W=True, HAS_BN_B=True)
+        convs = [dict(HAS_CONV=False, HAS_CONV_BIAS=False, HAS_BN_W=False, HAS_BN_B=False)] + [
+            dict(HAS_CONV=True, HAS_CONV_BIAS=b, HAS_BN_W=a, HAS_BN_B=a)
+            for b in (False, True) for a in (False, True)]
+        heavy_mlp = dict(POOL=0, TWO_LAYERS=True, HAS_B1=True, HAS_B2=True)
+        add(_weight_grads_kernel, dtype, acc,
+            [dict(f, **conv_on) for f in mlp] + [dict(heavy_mlp, **c) for c in convs[:-1]],
+            dict(heavy_mlp, **conv_on),
+            [dict(BLOCK_R=PL.WEIGHT_TILE, BLOCK_K=PL.WEIGHT_TILE, BLOCK_G=PL.CONV_GRAD_BLOCK)])
+    return out
+
+
 def launch_configs(dtypes=DTYPES):
-    """Every (kernel, dtype, constexprs) the launchers in launchers.py can launch."""
+    """Every (kernel, dtype, constexprs) the launchers in launchers.py can launch (see
+    _small_map_configs for how the small-map kernels' variants are covered)."""
     builds = []
 
     def add(kernel, dtype, **cx):
@@ -131,18 +232,20 @@ def launch_configs(dtypes=DTYPES):
         for p_contig, contig, other in _tile_variants(dtype):
             block_c, block_p = (other, contig) if p_contig else (contig, other)
             blk = dict(P_CONTIG=p_contig, BLOCK_C=block_c, BLOCK_P=block_p)
+            for sa_mode in (0, 1, 2):
+                for affine, track in ([(False, False)] if sa_mode < 2 else
+                                      [(False, False), (True, True)]):
+                    add(_gate_apply_kernel, dtype, SA_MODE=sa_mode, HAS_BN_W=affine,
+                        HAS_BN_B=affine, TRACK=track, HAS_NBT=track, **blk)
             for has_sa in (False, True):
-                add(_gate_apply_kernel, dtype, HAS_SA=has_sa, **blk)
                 add(_bwd_gate_sums_kernel, dtype, HAS_SA=has_sa, **blk)
                 for amax in (False, True):
                     add(_bwd_input_kernel, dtype, HAS_SA=has_sa, AMAX=amax, **blk)
             for amax in (False, True):
                 add(_bwd_spatial_pool_kernel, dtype, AMAX=amax, **blk)
-    for dtype in sorted({torch.float32 if d != torch.float64 else d for d in dtypes}, key=str):
-        s = 2
-        while s <= L.MAX_SPLITS:
-            add(_combine_stats_kernel, dtype, BLOCK_R=max(1, L.TILE_ELEMENTS // s), BLOCK_S=s)
-            s *= 2
+    acc_dtypes = sorted({torch.float32 if d != torch.float64 else d for d in dtypes}, key=str)
+    for kernel, dtype, cx in _small_map_configs(acc_dtypes):
+        builds.append(Build(kernel, dtype, tuple(sorted(cx.items()))))
     return builds + _with_ones(builds)
 
 
@@ -162,13 +265,15 @@ def compile_build(build: Build, arch: int):
         elif name in ptrs:
             signature[name] = ptrs[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in _FLOAT_ARGS:
+            signature[name] = "fp32"
         else:
             signature[name] = "i32"
             if name in _DIVISIBLE_INTS:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=kernel, signature=signature, constexprs=cx, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": L.NUM_WARPS})
+                          options={"num_warps": PL.NUM_WARPS})
 
 
 @functools.lru_cache(maxsize=None)
@@ -192,7 +297,7 @@ def ptxas_report(ptx: str, arch: int):
     return regs, spill_st, spill_ld
 
 
-def occupancy(regs: int, smem: int, num_warps: int = L.NUM_WARPS) -> float:
+def occupancy(regs: int, smem: int, num_warps: int = PL.NUM_WARPS) -> float:
     """Theoretical occupancy on an H100 SM (fraction of 64 warps), from registers and smem."""
     regs_per_warp = -(-regs * 32 // 256) * 256  # allocation granularity: 256 per warp
     by_regs = SM_REGS // (regs_per_warp * num_warps)

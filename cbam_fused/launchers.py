@@ -9,6 +9,7 @@ The small-map launchers take the plan, the carved workspace views (`bufs`, a dic
 1-D views named as in the plan's layouts) and the variant's flags (`Flags`).
 """
 import dataclasses
+import struct
 
 import torch
 import triton
@@ -32,10 +33,14 @@ def _tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _to_f32(v: float) -> float:
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
 def f64_pair(v: float):
     """(hi, lo) fp32 halves of v: Triton passes Python floats as fp32 (see plane._scalar)."""
-    hi = float(torch.tensor(v, dtype=torch.float32))
-    return hi, float(torch.tensor(v - hi, dtype=torch.float32))
+    hi = _to_f32(v)
+    return hi, _to_f32(v - hi)
 
 
 def dense_layout(x: torch.Tensor):
@@ -173,8 +178,8 @@ def bn_partials_reduce(parts, num_parts: int, moments: bool):
 
 # ---------------------------------------------------------------- F3
 
-def gate_apply(x, ca, p_contig: bool, plan=None, f: Flags = None, w=None, sa=None, u=None,
-               mom=None, num_parts=0, bn_stats=None, eps=0.0, momentum=0.0, track=False):
+def gate_apply(x, ca, p_contig: bool, sa=None, u=None, mom=None, num_parts=0, bn_stats=None,
+               w=None, eps=0.0, momentum=0.0, track=False):
     """F3: out = x * ca * sa, in x's dtype and layout.
 
     sa given: the spatial gate; u and mom given (batch-statistics BatchNorm): sa is made
@@ -329,3 +334,9 @@ def weight_grads(plan, f: Flags, w, saved, bufs):
         HAS_BN_B=f.has_bn_b and f.bn_mode > 0, ACC_DTYPE=_tl_acc(plan.dtype),
         BLOCK_R=WEIGHT_TILE, BLOCK_K=WEIGHT_TILE, BLOCK_G=CONV_GRAD_BLOCK, num_warps=NUM_WARPS)
     return grads
+
+
+# Every function above that launches a kernel (tests replace them to prove none runs).
+LAUNCHERS = ("pool_stats_partials", "channel_gate_fwd", "spatial_gate_fwd", "bn_partials_reduce",
+             "gate_apply", "bwd_gate_sums", "bwd_spatial_pool", "bwd_input",
+             "spatial_gate_bwd_stats", "spatial_gate_bwd", "channel_gate_bwd", "weight_grads")

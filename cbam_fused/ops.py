@@ -86,7 +86,8 @@ def _fake_forward(x, fc1_weight, fc1_bias, fc2_weight, *rest):
      spatial_pool, kernel_size, max_mode, bn_eps, has_bn, bn_batch_stats, momentum) = rest
     N, C, H, W = x.shape
     hidden = fc1_weight.shape[0] if fc2_weight is not None else C
-    acc_layout, i32_layout = saved_layouts(N, C, H * W, hidden, spatial_pool is not None)
+    acc_layout, i32_layout = saved_layouts(N, C, H * W, hidden, fc2_weight is not None,
+                                           spatial_pool is not None)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     return (torch.empty_like(x), x.new_empty(layout_size(acc_layout), dtype=acc),
             x.new_empty(layout_size(i32_layout), dtype=torch.int32))
@@ -117,6 +118,8 @@ for _name, _schema in _SCHEMAS.items():
     _lib.define(_name + _schema)
     _lib.impl(_name, _IMPLS[_name], "CUDA")
     _lib.impl(_name, _cpu(_IMPLS[_name], _name), "CPU")
+    # not differentiable by itself: the block's autograd.Function (function.py) owns autograd
+    _lib.impl(_name, torch.library.fallthrough_kernel, "Autograd")
     torch.library.register_fake(f"{NAMESPACE}::{_name}", _FAKES[_name], lib=_lib)
 
 OPS_RAW = types.SimpleNamespace(**{n: getattr(getattr(torch.ops, NAMESPACE), n) for n in _SCHEMAS})

@@ -71,7 +71,7 @@ class Reduction:
 
     @property
     def block_s(self):
-        return triton.next_power_of_2(self.splits)
+        return merge_block(self.splits)
 
 
 def reduction_plan(N, R, K, k_contig, dtype, sms, splits=None) -> Reduction:
@@ -130,10 +130,10 @@ class BlockPlan:
 
     # ---- workspace layouts: (name, number of elements), carved in this order
     def saved_acc_layout(self):
-        return saved_layouts(self.N, self.C, self.P, self.hidden, self.spatial)[0]
+        return saved_layouts(self.N, self.C, self.P, self.hidden, self.two_layers, self.spatial)[0]
 
     def saved_i32_layout(self):
-        return saved_layouts(self.N, self.C, self.P, self.hidden, self.spatial)[1]
+        return saved_layouts(self.N, self.C, self.P, self.hidden, self.two_layers, self.spatial)[1]
 
     def fwd_scratch_acc_layout(self):
         N, C, P = self.N, self.C, self.Ps
@@ -151,25 +151,53 @@ class BlockPlan:
         return (("gs_part", N * self.b1_splits * P), ("gc_part", N * self.p_blocks * C),
                 ("ds", N * P), ("du", N * P), ("dsmean", N * P), ("dsmax", N * P),
                 ("bsums", N * 2), ("cgrad", N * (spatial_maps * spatial_kernel_size ** 2 + 1)),
-                ("gc2", N * C), ("dlog", N * C), ("dh", N * 2 * self.hidden),
+                ("gc2", N * C), ("dlog", N * C), ("dh", N * 2 * self.hidden * int(self.two_layers)),
                 ("davg", N * C), ("dmx", N * C))
 
 
-def saved_layouts(N, C, P, hidden, spatial):
+def saved_layouts(N, C, P, hidden, two_layers, spatial):
     """The two saved workspaces (accumulation dtype, int32) kept for the backward with x:
     pooled channel statistics, the hidden rows of the MLP, the channel gate, and (with a
     spatial gate) the spatial statistics, the conv output, the spatial gate and the
     BatchNorm statistics used. Sizes are polynomials in the shape (torch.compile's fake
     implementations use them with symbolic sizes)."""
     Ps = P if spatial else 0
-    acc = (("avg", N * C), ("cmax", N * C), ("ca", N * C), ("h", N * 2 * hidden),
-           ("smean", N * Ps), ("smax", N * Ps), ("u", N * Ps), ("sa", N * Ps), ("bn_stats", 3))
+    acc = (("avg", N * C), ("cmax", N * C), ("ca", N * C), ("h", N * 2 * hidden * int(two_layers)),
+           ("smean", N * Ps), ("smax", N * Ps), ("u", N * Ps), ("sa", N * Ps),
+           ("bn_stats", 3 * int(spatial)))
     i32 = (("cidx", N * C), ("ccnt", N * C), ("sidx", N * Ps), ("scnt", N * Ps))
     return acc, i32
 
 
 def _pow2_at_least(v: int, lo: int) -> int:
     return max(lo, triton.next_power_of_2(max(1, v)))
+
+
+# Tile of partial rows merged at once by the small-map kernels: one of three sizes, so
+# that few kernel variants exist (ahead-of-time builds cover each).
+MERGE_BLOCKS = (1, 8, 64)
+
+
+def merge_block(count: int) -> int:
+    """The smallest of MERGE_BLOCKS that holds `count` partial rows (the last one loops)."""
+    return next((b for b in MERGE_BLOCKS if count <= b), MERGE_BLOCKS[-1])
+
+
+def small_tile(dtype) -> int:
+    return SMALL_TILE // 2 if dtype == torch.float64 else SMALL_TILE
+
+
+def phi_tiles(hidden: int, two_layers: bool, block_s: int, dtype):
+    """(BLOCK_C, BLOCK_H) of the channel-map kernels: BLOCK_H holds every hidden unit
+    (two layers) or one block of outputs (one layer)."""
+    block_h = _pow2_at_least(hidden, 16) if two_layers else 64
+    small = small_tile(dtype)
+    return max(4, min(small // block_h, small // block_s)), block_h
+
+
+def psi_block_p(block_s: int, dtype) -> int:
+    """Positions per tile of the spatial-map kernels."""
+    return max(16, min(256, small_tile(dtype) // block_s))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -186,23 +214,20 @@ def block_plan(N: int, C: int, H: int, W: int, hidden: int, two_layers: bool, sp
     b1_c_per_split = triton.cdiv(c_blocks, b1_splits) * block_c
     b1_splits = triton.cdiv(C, b1_c_per_split)
 
-    small = SMALL_TILE // 2 if dtype == torch.float64 else SMALL_TILE
-    if two_layers:
-        phi_block_h = _pow2_at_least(hidden, 16)
-    else:
-        phi_block_h = 64
-    phi_block_c = max(4, min(small // phi_block_h, small // f1.block_s))
-    block_s = max(f1.block_s, f2.block_s)
-    psi_block_p = max(16, min(256, small // block_s))
-    bwd_block_pb = min(64, _pow2_at_least(p_blocks, 1))
-    bwd_block_cs = min(16, _pow2_at_least(b1_splits, 1))
+    if two_layers and hidden > MAX_HIDDEN:
+        raise ValueError(f"cbam_fused: the channel MLP's hidden size is at most {MAX_HIDDEN}, "
+                         f"got {hidden}")
+    phi_block_c, phi_block_h = phi_tiles(hidden, two_layers, f1.block_s, dtype)
+    bwd_block_cs = merge_block(b1_splits)
+    psi_block = psi_block_p(max(f2.block_s, bwd_block_cs), dtype)
+    bwd_block_pb = merge_block(p_blocks)
     rows1 = triton.cdiv(hidden if two_layers else C, WEIGHT_TILE)
     rows2 = triton.cdiv(C, WEIGHT_TILE) if two_layers else 0
     tiles1 = rows1 * triton.cdiv(C, WEIGHT_TILE)
     tiles2 = rows2 * triton.cdiv(hidden, WEIGHT_TILE) if two_layers else 0
     return BlockPlan(N, C, H, W, hidden, two_layers, spatial, p_contig, dtype, f1, f2, block_c, block_p,
                      c_blocks, p_blocks, b1_splits, b1_c_per_split, phi_block_c, phi_block_h,
-                     psi_block_p, bwd_block_pb, bwd_block_cs, tiles1, tiles2, rows1, rows2)
+                     psi_block, bwd_block_pb, bwd_block_cs, tiles1, tiles2, rows1, rows2)
 
 
 def carve(buf: torch.Tensor, layout):

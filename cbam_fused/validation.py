@@ -4,6 +4,7 @@ Each error names the problem: what was expected and what was given.
 """
 import torch
 
+from .plan import MAX_HIDDEN
 from .spec import CBAMSpec, CBAMWeights
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -69,6 +70,9 @@ def _check_weight_shapes(C: int, spec: CBAMSpec, w: CBAMWeights):
     if w.fc2_weight is None:  # one layer C -> C
         _expect("fc1_weight", w.fc1_weight, [(C, C), (C, C, 1, 1)])
     else:
+        if lead > MAX_HIDDEN:
+            raise ValueError(f"CBAM channel MLP with {lead} hidden units: the fused block "
+                             f"supports at most {MAX_HIDDEN}")
         _expect("fc1_weight", w.fc1_weight, [(lead, C), (lead, C, 1, 1)])
         _expect("fc2_weight", w.fc2_weight, [(C, lead), (C, lead, 1, 1)])
         _expect("fc2_bias", w.fc2_bias, [(C,)])

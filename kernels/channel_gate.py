@@ -99,8 +99,7 @@ def _channel_gate_fwd_kernel(
             acc_m += b1
         hrow = n.to(tl.int64) * 2 * HID
         tl.store(h_ptr + hrow + offs_h, acc_a, mask=mask_h)
-        if POOL == 0:
-            tl.store(h_ptr + hrow + HID + offs_h, acc_m, mask=mask_h)
+        tl.store(h_ptr + hrow + HID + offs_h, acc_m, mask=mask_h)  # defined; read for POOL 0 only
         r_a = tl.where(mask_h, _relu(acc_a), 0.0)
         r_m = tl.where(mask_h, _relu(acc_m), 0.0)
         for c0 in range(0, C, BLOCK_C):
@@ -193,6 +192,8 @@ def _channel_gate_bwd_kernel(
             h_m = tl.load(h_ptr + hrow + HID + offs_h, mask=mask_h, other=0.0)
             dh_m = tl.where(mask_h, tl.where(h_m <= 0, 0.0, dr), 0.0)
             tl.store(dh_ptr + hrow + HID + offs_h, dh_m, mask=mask_h)
+        else:
+            tl.store(dh_ptr + hrow + HID + offs_h, tl.zeros([BLOCK_H], ACC_DTYPE), mask=mask_h)
         for c0 in range(0, C, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
             mask_c = offs_c < C

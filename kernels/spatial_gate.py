@@ -65,7 +65,7 @@ def _spatial_gate_fwd_kernel(
     u_ptr,                # [N, P] ACC_DTYPE out: conv output
     sa_ptr,               # [N, P] ACC_DTYPE out: spatial gate (BN_MODE 0, 1)
     mom_ptr,              # [N, 3] ACC_DTYPE out: (count, mean, M2) of u per sample (BN_MODE 2)
-    bn_stats_ptr,         # [3] ACC_DTYPE out: (mean, invstd, count) used (BN_MODE 1)
+    bn_stats_ptr,         # [3] ACC_DTYPE out: (mean, invstd, count) used (BN_MODE 1; zeros for 0)
     C, H, W, S, eps_hi, eps_lo,
     POOL_ORDER: tl.constexpr,
     KSIZE: tl.constexpr,
@@ -100,6 +100,10 @@ def _spatial_gate_fwd_kernel(
             tl.store(bn_stats_ptr, mean)
             tl.store(bn_stats_ptr + 1, invstd)
             tl.store(bn_stats_ptr + 2, tl.cast(0, ACC_DTYPE))
+    elif BN_MODE == 0:
+        if n == 0:  # no BatchNorm: defined zeros (the saved workspace is an op's output)
+            tl.store(bn_stats_ptr + tl.arange(0, 4), tl.zeros([4], ACC_DTYPE),
+                     mask=tl.arange(0, 4) < 3)
     usum = tl.zeros([BLOCK_P], ACC_DTYPE)
     for p0 in range(0, P, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)

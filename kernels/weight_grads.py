@@ -60,12 +60,12 @@ def _weight_grads_kernel(
         acc = tl.zeros([BLOCK_R, BLOCK_K], ACC_DTYPE)
         bacc = tl.zeros([BLOCK_R], ACC_DTYPE)
         for n in range(0, N):
-            crow = n * C
+            crow = tl.cast(n, tl.int64) * C
             avg = tl.load(avg_ptr + crow + offs_k, mask=mask_k, other=0.0)
             mx = tl.load(mx_ptr + crow + offs_k, mask=mask_k, other=0.0)
             v_a, v_m = _mlp_inputs(avg, mx, POOL)
             if TWO_LAYERS:
-                hrow = n * 2 * HID
+                hrow = tl.cast(n, tl.int64) * 2 * HID
                 d_a = tl.load(dh_ptr + hrow + offs_r, mask=mask_r, other=0.0)
                 acc += d_a[:, None] * v_a[None, :]
                 bacc += d_a
@@ -94,8 +94,8 @@ def _weight_grads_kernel(
         acc = tl.zeros([BLOCK_R, BLOCK_K], ACC_DTYPE)
         bacc = tl.zeros([BLOCK_R], ACC_DTYPE)
         for n in range(0, N):
-            d = tl.load(dlog_ptr + n * C + offs_r, mask=mask_r, other=0.0)
-            hrow = n * 2 * HID
+            d = tl.load(dlog_ptr + tl.cast(n, tl.int64) * C + offs_r, mask=mask_r, other=0.0)
+            hrow = tl.cast(n, tl.int64) * 2 * HID
             r_a = _relu(tl.load(h_ptr + hrow + offs_k, mask=mask_k, other=0.0))
             acc += d[:, None] * r_a[None, :]
             bacc += d

@@ -124,8 +124,28 @@ def _run(rank, world, case):
     assert set(grads) == set(ref_grads), (sorted(grads), sorted(ref_grads))
     for n, g in grads.items():
         _close(g, ref_grads[n], f"{case} rank {rank} grad {n}")
+    if case.startswith("ddp_syncbn"):
+        _check_sync_launches(fused[0], per)
     ref_buffers = dict(reference.named_buffers())
     for n, b in model.named_buffers():
         n = n.replace("module.", "")
         if "running" in n:
             _close(b, ref_buffers[n], f"{case} rank {rank} {n}")
+
+
+def _check_sync_launches(block, per):
+    """SyncBatchNorm adds at most 2 launches per direction to the block's 5 and 7 (one
+    small kernel and one all_gather each way). Run on a copy: the buffers stay as trained."""
+    from cbam_fused.accounting import TrafficCounter, count_torch_ops
+    block = copy.deepcopy(block)
+    x = torch.randn(per, 16, 8, 8, dtype=torch.float64, requires_grad=True)
+    with TrafficCounter() as fwd, count_torch_ops(fwd) as fwd_ops:
+        out = block(x)
+    g = torch.ones_like(out)
+    with TrafficCounter() as bwd, count_torch_ops(bwd) as bwd_ops:
+        out.backward(g)
+    n_fwd = len(fwd.order) + sum(fwd_ops.values())
+    n_bwd = len(bwd.order) + sum(bwd_ops.values())
+    assert n_fwd <= 5 + 2, (fwd.order, dict(fwd_ops))
+    assert n_bwd <= 7 + 2, (bwd.order, dict(bwd_ops))
+    assert "_bn_partials_reduce_kernel" in fwd.order and "_bn_partials_reduce_kernel" in bwd.order

@@ -37,8 +37,12 @@ def test_all_configs_compile_without_spills(arch, tmp_path):
     assert not errors, errors[:3]
     spills = [r["name"] for r in reports if r["spill_stores"] or r["spill_loads"]]
     assert not spills, spills
-    # 64-bit addressing: no pointer offset in the IR is 32-bit (tensors > 2**31 elements)
-    narrow = [r["name"] for r in reports if r["i32_offsets"]]
+    # 64-bit addressing: no pointer offset into a big tensor (x, g, out, dx: > 2**31
+    # elements is real) is 32-bit. The small-map kernels index weights and per-sample rows
+    # from 64-bit sample bases; their 32-bit offsets stay inside one sample's row or one
+    # weight, far below 2**31.
+    narrow = [r["name"] for r in reports if r["i32_offsets"]
+              and r["name"].split("[")[0] in BIG_TENSOR_KERNELS + ("_bwd_input_kernel",)]
     assert not narrow, narrow
     # 16-byte vector accesses on the big tensor: v4 of 32-bit words (fp64 uses v2.f64,
     # which the report does not count, so it is left out here). Builds with a dimension

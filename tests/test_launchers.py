@@ -1,5 +1,6 @@
-"""The host launchers called directly: every statistic and backward sum against torch,
-including the split-reduction paths a GPU launch takes (partials + fixed-order merge)."""
+"""The big-pass launchers called directly: every statistic and backward sum against torch,
+including the split-reduction partials a GPU launch makes (their fixed-order merge runs in
+the small-map kernels: tests/test_launches.py checks it end to end)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,9 +15,22 @@ def _first_argmax(t, dim):
     return t.max(dim).indices
 
 
+def _split_stats(t, k_per_split, S, dim):
+    """Per split of `dim` (k_per_split columns each): sum, max, first argmax, tie count."""
+    out = []
+    for s in range(S):
+        part = t.narrow(dim, s * k_per_split, min(k_per_split, t.shape[dim] - s * k_per_split))
+        m = part.amax(dim)
+        out.append((part.sum(dim), m, _first_argmax(part, dim) + s * k_per_split,
+                    (part == m.unsqueeze(dim)).sum(dim)))
+    return [torch.stack([o[i] for o in out], 1) for i in range(4)]
+
+
 @pytest.mark.parametrize("splits", [1, 3, 64])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_channel_and_spatial_stats(splits, layout, device):
+    """F1 and F2 on their own: the partial statistics of each split (the merge runs in
+    the small-map kernels and is checked end to end in test_launches.py)."""
     N, C, H, W = 2, 40, 9, 17
     x = torch.randn(N, C, H, W, device=device)
     x[0, 3, 2, :5] = 7.0     # a tied channel max (5 positions)
@@ -26,30 +40,35 @@ def test_channel_and_spatial_stats(splits, layout, device):
         x = x.to(memory_format=torch.channels_last)
     xf = x.double().cpu().reshape(N, C, H * W)
 
-    s, m, i, c = L.channel_stats(x, p_contig, splits=splits)
-    assert_close(s, xf.sum(2), torch.float32, H * W, "channel sum")
-    assert torch.equal(m.cpu().double(), xf.amax(2))
-    assert torch.equal(i.cpu().long(), _first_argmax(xf, 2))
-    assert torch.equal(c.cpu().long(), (xf == xf.amax(2, keepdim=True)).sum(2))
-    assert int(c[0, 3]) == 5
+    (s, m, i, c), red = L.channel_stats_partials(x, p_contig, splits=splits)
+    assert red.splits == s.shape[1] and (splits == 1) == (red.splits == 1)
+    want = _split_stats(xf, red.k_per_split, red.splits, 2)
+    assert_close(s, want[0], torch.float32, H * W, "channel sum")
+    assert torch.equal(m.cpu().double(), want[1])
+    assert torch.equal(i.cpu().long(), want[2])
+    assert torch.equal(c.cpu().long(), want[3])
+    assert int(c[0, :, 3][m[0, :, 3] == 7.0].sum()) == 5  # the tie, however it is split
 
     ca = torch.rand(N, C, device=device) + 0.5
     ca[1] = 1.0  # keep the spatial tie exact after scaling
     y = xf * ca.double().cpu()[:, :, None]
-    s, m, i, c = L.spatial_stats(x, ca, p_contig, splits=splits)
-    assert_close(s, y.sum(1), torch.float32, C, "spatial sum")
+    (s, m, i, c), red = L.spatial_stats_partials(x, ca, p_contig, splits=splits)
+    want = _split_stats(y, red.k_per_split, red.splits, 1)
+    assert_close(s, want[0], torch.float32, C, "spatial sum")
     yf = (x.float().cpu().reshape(N, C, H * W) * ca.cpu()[:, :, None]).double()  # fp32 products
-    assert torch.equal(m.cpu().double(), yf.amax(1))
-    assert torch.equal(i.cpu().long(), _first_argmax(yf, 1))
-    assert torch.equal(c.cpu().long(), (yf == yf.amax(1, keepdim=True)).sum(1))
-    assert int(c[1, 4 * W + 4]) == C
+    want = _split_stats(yf, red.k_per_split, red.splits, 1)
+    assert torch.equal(m.cpu().double(), want[1])
+    assert torch.equal(i.cpu().long(), want[2])
+    assert torch.equal(c.cpu().long(), want[3])
+    assert int(c[1, :, 4 * W + 4].sum()) == C
 
 
 def test_stats_nan_propagates(device):
     x = torch.randn(1, 4, 3, 5, device=device)
     x[0, 1, 1, 2] = float("nan")
     x[0, 1, 2, 0] = float("nan")
-    s, m, i, c = L.channel_stats(x, True)
+    (s, m, i, c), _ = L.channel_stats_partials(x, True, splits=1)
+    s, m, i = s[:, 0], m[:, 0], i[:, 0]
     assert torch.isnan(m[0, 1]) and torch.isnan(s[0, 1])
     assert int(i[0, 1]) == 1 * 5 + 2  # the first NaN, as torch.max
     assert not torch.isnan(m[0, [0, 2, 3]]).any()
@@ -70,9 +89,12 @@ def test_bwd_gate_sums(splits, layout, has_sa, device):
     gs, gc = L.bwd_gate_sums(g, x, ca, sa, p_contig, splits=splits)
     gx = (g.double() * x.double()).cpu().reshape(N, C, H * W)
     sa_ref = sa.double().cpu()[:, None, :] if has_sa else 1.0
-    assert_close(gc, (gx * sa_ref).sum(2), torch.float32, H * W, "Gc1")
+    # partial rows (over position blocks / channel splits), summed here in float64
+    assert_close(gc.double().sum(1), (gx * sa_ref).sum(2), torch.float32, H * W, "Gc1")
     if has_sa:
-        assert_close(gs, (gx * ca.double().cpu()[:, :, None]).sum(1), torch.float32, C, "Gs")
+        assert gs.shape[1] <= splits
+        assert_close(gs.double().sum(1), (gx * ca.double().cpu()[:, :, None]).sum(1),
+                     torch.float32, C, "Gs")
     else:
         assert gs is None
 
@@ -93,8 +115,9 @@ def test_bwd_spatial_pool_and_input(amax, layout, device):
     sa = torch.rand(N, P, device=device)
     dsmean, dsmax = torch.randn(N, P, device=device), torch.randn(N, P, device=device)
     davg, dmx = torch.randn(N, C, device=device), torch.randn(N, C, device=device)
-    _, cmax, cidx, ccnt = L.channel_stats(x, p_contig)
-    _, smax, sidx, scnt = L.spatial_stats(x, ca, p_contig)
+    (_, cmax, cidx, ccnt), _ = L.channel_stats_partials(x, p_contig, splits=1)
+    (_, smax, sidx, scnt), _ = L.spatial_stats_partials(x, ca, p_contig, splits=1)
+    cmax, cidx, ccnt, smax, sidx, scnt = (t[:, 0] for t in (cmax, cidx, ccnt, smax, sidx, scnt))
 
     # torch: e_k / e_j as the gradient of max / amax
     xr = x.double().cpu().reshape(N, C, P).requires_grad_()

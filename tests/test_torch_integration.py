@@ -2,68 +2,73 @@
 backward, autocast, and the absence of host synchronization (what CUDA graph capture
 needs). no_grad / inference_mode: test_determinism_and_memory.py."""
 import copy
-import functools
 
 import pytest
 import torch
 
 import cbam_fused
 from cbam_fused import launchers as L
-from cbam_fused.ops import OPS
+from cbam_fused.ops import OPS_RAW
 
 from helpers import assert_close, make_module
 
 
-def _op_args(layout, has_sa=True, amax=False, dtype=torch.float32, device="cpu"):
-    """Sample arguments for every op, from one real forward on a 2x5x3x7 input."""
+def _op_args(variant, layout, device, dtype=torch.float32):
+    """Arguments of both registered ops, from one real forward on a 2x5x3x7 input."""
+    m = make_module(variant, 5, device, reduction=2, kernel_size=3)
+    w = m.fused_weights()
     x = torch.randn(2, 5, 3, 7, dtype=dtype, device=device)
     x[:, 1] = 0.0  # ties in the max statistics
-    p_contig = layout == "nchw"
-    if not p_contig:
+    if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
-    N, C, H, W = x.shape
-    P = H * W
-    acc = L.acc_dtype(dtype)
-    csum, cmax, cidx, ccnt = L.channel_stats(x, p_contig)
-    ca = torch.rand(N, C, dtype=acc, device=device)
-    ssum, smax, sidx, scnt = L.spatial_stats(x, ca, p_contig)
-    sa = torch.rand(N, P, dtype=acc, device=device) if has_sa else None
-    g = torch.randn_like(x)
-    small = functools.partial(torch.randn, dtype=acc, device=device)
-    dsmean, dsmax = (small(N, P), small(N, P)) if has_sa else (None, None)
-    sp = (smax, sidx, scnt) if has_sa else (None, None, None)
-    return {
-        "channel_stats": (x, p_contig),
-        "spatial_stats": (x, ca, p_contig),
-        "gate_apply": (x, ca, sa, p_contig),
-        "bwd_gate_sums": (g, x, ca, sa, p_contig),
-        "bwd_spatial_pool": (x, ca, small(N, P), small(N, P), smax, sidx, scnt, p_contig, amax),
-        "bwd_input": (g, x, ca, sa, dsmean, dsmax, *sp, small(N, C), small(N, C), cmax, cidx,
-                      ccnt, p_contig, amax),
-    }
+    xd, p_contig = L.dense_layout(x)
+    variant_args = (m.spec.channel_pool, m.spec.spatial_pool, m.spec.kernel_size,
+                    m.spec.max_mode, m.spec.bn_eps, w.has_bn)
+    weights = (w.fc1_weight, w.fc1_bias, w.fc2_weight, w.fc2_bias, w.conv_weight, w.conv_bias,
+               w.bn_weight, w.bn_bias)
+    buffers = tuple(None if t is None else t.clone() for t in
+                    (w.bn_running_mean, w.bn_running_var, w.bn_num_batches_tracked))
+    fwd = (xd, *weights, *buffers, p_contig, *variant_args, w.has_bn, 0.1)
+    _, saved_acc, saved_i32 = OPS_RAW.block_forward(*fwd)
+    g = torch.randn_like(xd)
+    bwd = (g, xd, saved_acc, saved_i32, *weights, *buffers[:2], p_contig, *variant_args,
+           w.has_bn, True)
+    return {"block_forward": fwd, "block_backward": bwd}
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("has_sa", [True, False], ids=["spatial", "no_spatial"])
-def test_opcheck(layout, has_sa, device):
-    """Schema, fake (meta) implementation vs the real one, and AOT dispatch, per op."""
-    args = _op_args(layout, has_sa=has_sa, amax=not has_sa, device=device)
-    for name, a in args.items():
-        if name == "bwd_spatial_pool" and not has_sa:
-            continue
-        torch.library.opcheck(getattr(OPS, name), a,
+@pytest.mark.parametrize("variant", ["official", "timm_light", "ultralytics", "no_spatial"])
+def test_opcheck(variant, layout, device):
+    """Schema (with the BatchNorm buffers the forward mutates), fake (meta) implementation
+    vs the real one, and AOT dispatch, for both ops."""
+    for name, a in _op_args(variant, layout, device).items():
+        torch.library.opcheck(getattr(OPS_RAW, name), a,
                               test_utils=("test_schema", "test_faketensor",
                                           "test_aot_dispatch_dynamic"))
 
 
-def test_ops_outputs_match_launchers(device):
-    """The registered ops run the same launcher code as the eager path."""
-    for name, a in _op_args("nchw", device=device).items():
-        got = getattr(OPS, name)(*a)
-        want = getattr(cbam_fused.ops.DIRECT, name)(*a)
-        for u, v in zip(got if isinstance(got, tuple) else (got,),
-                        want if isinstance(want, tuple) else (want,)):
-            assert torch.equal(u, v), name
+def test_ops_outputs_match_direct_calls(device):
+    """The registered ops run the same code as the eager path."""
+    m = make_module("official", 5, device, reduction=2)
+    w = m.fused_weights()
+    x = torch.randn(2, 5, 3, 7, device=device)
+    from cbam_fused.ops import DIRECT, OPS
+    state = [t.clone() for t in (w.bn_running_mean, w.bn_running_var, w.bn_num_batches_tracked)]
+    got = OPS.block_forward(x, True, m.spec, w, True, 0.1)
+    after_ops = [t.clone() for t in (w.bn_running_mean, w.bn_running_var, w.bn_num_batches_tracked)]
+    for t, v in zip((w.bn_running_mean, w.bn_running_var, w.bn_num_batches_tracked), state):
+        t.copy_(v)
+    want = DIRECT.block_forward(x, True, m.spec, w, True, 0.1)
+    for u, v in zip(got, want):
+        assert torch.equal(u, v)
+    for u, v in zip(after_ops, (w.bn_running_mean, w.bn_running_var, w.bn_num_batches_tracked)):
+        assert torch.equal(u, v)
+    g = torch.randn_like(x)
+    dx1, grads1 = OPS.block_backward(g, x, True, got[1], got[2], m.spec, w, True, True)
+    dx2, grads2 = DIRECT.block_backward(g, x, True, got[1], got[2], m.spec, w, True, True)
+    assert torch.equal(dx1, dx2) and grads1.keys() == grads2.keys()
+    for n in grads1:
+        assert torch.equal(grads1[n], grads2[n]), n
 
 
 def _fwd_bwd(model, x, g, call=None):
