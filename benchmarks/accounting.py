@@ -8,7 +8,7 @@ import tempfile
 
 import torch
 
-from cbam_fused import CBAM, cbam_reference
+from cbam_fused import CBAM, cbam_reference, plan
 from cbam_fused.accounting import (TrafficCounter, count_torch_ops, saved_for_backward,
                                    tensor_bytes)
 
@@ -21,8 +21,18 @@ def _saved_bytes(fn, exclude):
     return out, tensor_bytes(saved)
 
 
-def measure(shape=(2, 64, 28, 28), dtype=torch.bfloat16, variant=None):
-    """Fused vs eager for one shape: launches, traffic per pass (in |x|), saved bytes."""
+def measure(shape=(2, 64, 28, 28), dtype=torch.bfloat16, variant=None, sms=132):
+    """Fused vs eager for one shape: launches, traffic per pass (in |x|), saved bytes;
+    under the launch plan a GPU with `sms` multiprocessors gets (132: H100/H200)."""
+    saved_sms = plan.INTERPRETER_SM_COUNT
+    plan.INTERPRETER_SM_COUNT = sms
+    try:
+        return _measure(shape, dtype, variant)
+    finally:
+        plan.INTERPRETER_SM_COUNT = saved_sms
+
+
+def _measure(shape, dtype, variant):
     m = CBAM(shape[1], **(variant or {})).train()
     x = torch.randn(shape).to(dtype).requires_grad_()
     xbytes = x.numel() * x.element_size()
@@ -93,7 +103,8 @@ def accounting_report(shape=(2, 64, 28, 28), dtype=torch.bfloat16):
     res = measure(shape, dtype)
     xb = res["xbytes"]
     f, e = res["fused"], res["eager"]
-    print(f"== accounting without a GPU (Triton interpreter), official CBAM, {dtype}, shape {shape}")
+    print(f"== accounting without a GPU (Triton interpreter, the launch plan of a 132-SM "
+          f"H100/H200), official CBAM, {dtype}, shape {shape}")
     print(f"   |x| = {xb} bytes; big = x, g, out, dx; small = gates, pooled stats, partial rows")
     print_table(traffic_rows(f["fwd"], xb, "forward") + traffic_rows(f["bwd"], xb, "backward"),
                 ["direction", "kernel", "launches", "big_read", "big_written", "small_kib"])

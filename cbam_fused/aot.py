@@ -169,7 +169,10 @@ def _small_map_configs(acc_dtypes):
             for hidden, bs in tiles:
                 block_c, block_h = PL.phi_tiles(hidden, two, bs, dtype)
                 fwd.append(dict(BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_S=bs))
-                bwd.append(dict(BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_PB=bs))
+                block_c, block_h = PL.phi_bwd_tiles(hidden, two, min(bs, 8), dtype)
+                tile = dict(BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_PB=min(bs, 8))
+                if tile not in bwd:
+                    bwd.append(tile)
             add(_channel_gate_fwd_kernel, dtype, acc,
                 [dict(f, TWO_LAYERS=two) for f in _product(dict(
                     POOL=[0, 1, 2], HAS_B1=[False, True], HAS_B2=[False, True] if two else [False]))],
@@ -181,19 +184,24 @@ def _small_map_configs(acc_dtypes):
         bn_sets = [dict(BN_MODE=0, HAS_BN_W=False, HAS_BN_B=False)] + [
             dict(BN_MODE=m, HAS_BN_W=a, HAS_BN_B=a) for m in (1, 2) for a in (False, True)]
         psi_tiles = [dict(BLOCK_P=PL.psi_block_p(bs, dtype), BLOCK_S=bs) for bs in bs_all]
-        psi_sets = [dict(f, **bn) for f in _product(dict(POOL_ORDER=[0, 1, 2], KSIZE=[7],
-                                                         HAS_CONV_BIAS=[False, True]))
-                    for bn in bn_sets] + [dict(POOL_ORDER=0, KSIZE=3, HAS_CONV_BIAS=True,
-                                               BN_MODE=2, HAS_BN_W=True, HAS_BN_B=True)]
+
+        def conv(k):
+            kk_pad, block_q = PL.conv_tiles(k, dtype)
+            return dict(KSIZE=k, KK_PAD=kk_pad, BLOCK_Q=block_q)
+        psi_sets = [dict(f, **bn, **conv(7)) for f in _product(dict(
+                        POOL_ORDER=[0, 1, 2], HAS_CONV_BIAS=[False, True])) for bn in bn_sets]
+        psi_sets += [dict(POOL_ORDER=0, HAS_CONV_BIAS=True, BN_MODE=2, HAS_BN_W=True,
+                          HAS_BN_B=True, **conv(k)) for k in (3, 5)]
         add(_spatial_gate_fwd_kernel, dtype, acc, psi_sets,
-            dict(POOL_ORDER=0, KSIZE=7, HAS_CONV_BIAS=True, BN_MODE=1, HAS_BN_W=True,
-                 HAS_BN_B=True), psi_tiles)
+            dict(POOL_ORDER=0, HAS_CONV_BIAS=True, BN_MODE=1, HAS_BN_W=True, HAS_BN_B=True,
+                 **conv(7)), psi_tiles)
         add(_spatial_gate_bwd_stats_kernel, dtype, acc, [dict(BN_MODE=m) for m in (0, 1, 2)],
             dict(BN_MODE=2), [dict(BLOCK_P=t["BLOCK_P"], BLOCK_CS=t["BLOCK_S"]) for t in psi_tiles])
         add(_spatial_gate_bwd_kernel, dtype, acc,
-            [dict(POOL_ORDER=o, KSIZE=7, BN_MODE=bn["BN_MODE"], HAS_BN_W=bn["HAS_BN_W"])
-             for o in (0, 1, 2) for bn in bn_sets],
-            dict(POOL_ORDER=0, KSIZE=7, BN_MODE=2, HAS_BN_W=True),
+            [dict(POOL_ORDER=o, BN_MODE=bn["BN_MODE"], HAS_BN_W=bn["HAS_BN_W"], **conv(7))
+             for o in (0, 1, 2) for bn in bn_sets]
+            + [dict(POOL_ORDER=0, BN_MODE=2, HAS_BN_W=True, **conv(k)) for k in (3, 5)],
+            dict(POOL_ORDER=0, BN_MODE=2, HAS_BN_W=True, **conv(7)),
             [dict(BLOCK_P=t["BLOCK_P"]) for t in psi_tiles])
         add(_bn_partials_reduce_kernel, dtype, acc, [dict(MOMENTS=False), dict(MOMENTS=True)],
             dict(MOMENTS=True), [{}])
@@ -249,6 +257,15 @@ def launch_configs(dtypes=DTYPES):
     return builds + _with_ones(builds)
 
 
+_BIG_PASSES = ("_pool_stats_kernel", "_gate_apply_kernel", "_bwd_gate_sums_kernel",
+               "_bwd_spatial_pool_kernel", "_bwd_input_kernel")
+
+
+def num_warps(kernel) -> int:
+    """The warps the launchers give a kernel (plan.py)."""
+    return PL.NUM_WARPS if kernel.fn.__name__ in _BIG_PASSES else PL.SMALL_NUM_WARPS
+
+
 def compile_build(build: Build, arch: int):
     """Compile one configuration for sm_<arch>; returns triton's CompiledKernel."""
     from triton.backends.compiler import GPUTarget
@@ -273,7 +290,7 @@ def compile_build(build: Build, arch: int):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=kernel, signature=signature, constexprs=cx, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": PL.NUM_WARPS})
+                          options={"num_warps": num_warps(kernel)})
 
 
 @functools.lru_cache(maxsize=None)
@@ -313,7 +330,7 @@ def build_report(build: Build, arch: int) -> dict:
     regs, spill_st, spill_ld = ptxas_report(ptx, arch)
     return dict(name=build.name, arch=arch, ones=list(build.ones), regs=regs, spill_stores=spill_st,
                 spill_loads=spill_ld, smem=k.metadata.shared,
-                occupancy=occupancy(regs, k.metadata.shared),
+                occupancy=occupancy(regs, k.metadata.shared, num_warps(build.kernel)),
                 v4_loads=len(re.findall(r"ld\.global(\.\w+)*\.v4", ptx)),
                 v4_stores=len(re.findall(r"st\.global(\.\w+)*\.v4", ptx)),
                 scalar_loads=len(re.findall(r"ld\.global(\.\w+)*\.(b|u|f)(8|16|32|64)\s", ptx)),

@@ -74,11 +74,11 @@ def fused_forward(xd, p_contig: bool, spec: CBAMSpec, w: CBAMWeights, bn_batch_s
     plan = plan_for(xd, spec, w, p_contig)
     f = L.flags_of(spec, w, bn_batch_stats)
     dev, acc = xd.device, plan.acc
-    saved_acc = torch.empty(layout_size(plan.saved_acc_layout()), device=dev, dtype=acc)
-    saved_i32 = torch.empty(layout_size(plan.saved_i32_layout()), device=dev, dtype=torch.int32)
-    scratch_acc = torch.empty(layout_size(plan.fwd_scratch_acc_layout()), device=dev, dtype=acc)
-    scratch_i32 = torch.empty(layout_size(plan.fwd_scratch_i32_layout()), device=dev,
-                              dtype=torch.int32)
+    sizes = plan.sizes
+    saved_acc = torch.empty(sizes["saved_acc_layout"], device=dev, dtype=acc)
+    saved_i32 = torch.empty(sizes["saved_i32_layout"], device=dev, dtype=torch.int32)
+    scratch_acc = torch.empty(sizes["fwd_scratch_acc_layout"], device=dev, dtype=acc)
+    scratch_i32 = torch.empty(sizes["fwd_scratch_i32_layout"], device=dev, dtype=torch.int32)
     s = _saved_views(plan, saved_acc, saved_i32)
     t = carve(scratch_acc, plan.fwd_scratch_acc_layout())
     t.update(carve(scratch_i32, plan.fwd_scratch_i32_layout()))
@@ -136,20 +136,32 @@ def fused_backward(g, xd, p_contig: bool, saved_acc, saved_i32, spec: CBAMSpec, 
     return dx, grads
 
 
+def report_gates(gates, xd, p_contig: bool, spec: CBAMSpec, w: CBAMWeights, saved_acc):
+    """Hand the gates of a forward to `gates(ca, sa or None, shape)` (attention.py): views
+    of the saved workspace, where the kernels left them."""
+    plan = plan_for(xd, spec, w, p_contig)
+    views = carve(saved_acc, plan.saved_acc_layout())
+    gates(views["ca"], views["sa"] if spec.has_spatial else None, tuple(xd.shape))
+
+
 class CBAMFunction(torch.autograd.Function):
-    """apply(x, spec, bn_batch_stats, momentum, group, *weight_tensors, has_bn) -> out.
+    """apply(x, spec, bn_batch_stats, momentum, group, gates, *weight_tensors, has_bn) -> out.
 
     group: the process group of a synchronized (SyncBatchNorm) spatial BatchNorm, or
-    None. In batch-statistics mode the forward updates the running statistics and the
-    batch counter among the weight tensors in place (they are not differentiable).
+    None. gates: None, or a callable that receives the gates (attention.py). In
+    batch-statistics mode the forward updates the running statistics and the batch
+    counter among the weight tensors in place (they are not differentiable).
     """
 
     @staticmethod
-    def forward(ctx, x, spec: CBAMSpec, bn_batch_stats: bool, momentum: float, group, *weights):
+    def forward(ctx, x, spec: CBAMSpec, bn_batch_stats: bool, momentum: float, group, gates,
+                *weights):
         w = CBAMWeights(*weights)
         xd, p_contig = L.dense_layout(x)
         out, saved_acc, saved_i32 = passes().block_forward(xd, p_contig, spec, w, bn_batch_stats,
                                                            momentum, group)
+        if gates is not None:
+            report_gates(gates, xd, p_contig, spec, w, saved_acc)
         ctx.spec, ctx.bn_batch_stats, ctx.p_contig, ctx.group = spec, bn_batch_stats, p_contig, group
         ctx.has_bn = w.has_bn
         params = list(w[:NUM_TENSOR_FIELDS])
@@ -166,11 +178,11 @@ class CBAMFunction(torch.autograd.Function):
         xd, saved_acc, saved_i32, *params = ctx.saved_tensors
         w = CBAMWeights(*params, ctx.has_bn)
         names = CBAMWeights._fields[:NUM_TENSOR_FIELDS]
-        want = {name for name, need in zip(names, ctx.needs_input_grad[5:]) if need}
+        want = {name for name, need in zip(names, ctx.needs_input_grad[6:]) if need}
         dx, grads = passes().block_backward(g, xd, ctx.p_contig, saved_acc, saved_i32, ctx.spec,
                                             w, ctx.bn_batch_stats, ctx.needs_input_grad[0],
                                             ctx.group)
-        return (dx, None, None, None, None,
+        return (dx, None, None, None, None, None,
                 *[grads.get(name) if name in want else None for name in names], None)
 
 
@@ -194,12 +206,13 @@ def _count_batch_on_host(weights: CBAMWeights, bn_training: bool):
 
 
 def cbam_unchecked(x, spec: CBAMSpec, weights: CBAMWeights, *, bn_training: bool,
-                   bn_momentum: float, bn_group=None):
+                   bn_momentum: float, bn_group=None, gates=None):
     """`cbam` after check_inputs has passed.
 
     Under torch.autocast a float32 input runs in the autocast dtype (as a convolution
     would), and the output has that dtype. bn_group: synchronize the spatial BatchNorm's
-    batch statistics over this process group (SyncBatchNorm), see sync_bn.py.
+    batch statistics over this process group (SyncBatchNorm), see sync_bn.py. gates:
+    called with the gates of this forward (attention.py).
     """
     if x.shape[0] == 0:
         _count_batch_on_host(weights, bn_training)
@@ -217,13 +230,16 @@ def cbam_unchecked(x, spec: CBAMSpec, weights: CBAMWeights, *, bn_training: bool
         if not uses_kernels(x):
             _count_batch_on_host(weights, bn_training)
             return cbam_reference(x, spec, weights, bn_training=bn_training,
-                                  bn_momentum=bn_momentum)
+                                  bn_momentum=bn_momentum, gates=gates)
         if not bn_batch_stats:  # the counter is only touched by the batch-statistics kernel
             _count_batch_on_host(weights, bn_training)
         needs_grad = x.requires_grad or any(t.requires_grad for _, t in weights.tensors())
         if torch.is_grad_enabled() and needs_grad:
-            return CBAMFunction.apply(x, spec, bn_batch_stats, momentum, bn_group, *weights)
+            return CBAMFunction.apply(x, spec, bn_batch_stats, momentum, bn_group, gates,
+                                      *weights)
         xd, p_contig = L.dense_layout(x)  # no_grad / inference_mode: no autograd node
-        out, _, _ = passes().block_forward(xd, p_contig, spec, weights, bn_batch_stats,
-                                           momentum, bn_group)
+        out, saved_acc, _ = passes().block_forward(xd, p_contig, spec, weights, bn_batch_stats,
+                                                   momentum, bn_group)
+        if gates is not None:
+            report_gates(gates, xd, p_contig, spec, weights, saved_acc)
         return out

@@ -9,6 +9,7 @@ The small-map launchers take the plan, the carved workspace views (`bufs`, a dic
 1-D views named as in the plan's layouts) and the variant's flags (`Flags`).
 """
 import dataclasses
+import functools
 import struct
 
 import torch
@@ -22,8 +23,8 @@ from .kernels.pool_stats import _pool_stats_kernel
 from .kernels.spatial_gate import (_bn_partials_reduce_kernel, _spatial_gate_bwd_kernel,
                                    _spatial_gate_bwd_stats_kernel, _spatial_gate_fwd_kernel)
 from .kernels.weight_grads import _weight_grads_kernel
-from .plan import (CONV_GRAD_BLOCK, NUM_WARPS, WEIGHT_TILE, Reduction, acc_dtype,  # noqa: F401
-                   reduction_plan, sm_count, tile_config)
+from .plan import (CONV_GRAD_BLOCK, NUM_WARPS, SMALL_NUM_WARPS, WEIGHT_TILE, Reduction,  # noqa: F401
+                   acc_dtype, conv_tiles, reduction_plan, sm_count, tile_config)
 
 POOL_CODES = {"avg+max": 0, "mean(avg,max)": 1, "avg": 2}
 POOL_ORDER_CODES = {"max,mean": 0, "mean,max": 1, "mean(mean,max)": 2}
@@ -86,12 +87,18 @@ class Flags:
 
 
 def flags_of(spec, w, bn_batch_stats: bool) -> Flags:
-    bn_mode = 0 if not (spec.has_spatial and w.has_bn) else (2 if bn_batch_stats else 1)
-    return Flags(POOL_CODES[spec.channel_pool], w.fc2_weight is not None, w.fc1_bias is not None,
-                 w.fc2_bias is not None, spec.has_spatial,
-                 POOL_ORDER_CODES.get(spec.spatial_pool, 0), spec.kernel_size,
-                 w.conv_bias is not None, bn_mode, w.bn_weight is not None,
-                 w.bn_bias is not None, spec.amax)
+    return _flags(spec, w.fc2_weight is not None, w.fc1_bias is not None, w.fc2_bias is not None,
+                  w.conv_bias is not None, w.has_bn, w.bn_weight is not None,
+                  w.bn_bias is not None, bn_batch_stats)
+
+
+@functools.lru_cache(maxsize=256)
+def _flags(spec, two_layers, has_b1, has_b2, has_conv_bias, has_bn, has_bn_w, has_bn_b,
+           bn_batch_stats) -> Flags:
+    bn_mode = 0 if not (spec.has_spatial and has_bn) else (2 if bn_batch_stats else 1)
+    return Flags(POOL_CODES[spec.channel_pool], two_layers, has_b1, has_b2, spec.has_spatial,
+                 POOL_ORDER_CODES.get(spec.spatial_pool, 0), spec.kernel_size, has_conv_bias,
+                 bn_mode, has_bn_w, has_bn_b, spec.amax)
 
 
 def _or(t, fallback):
@@ -147,13 +154,14 @@ def channel_gate_fwd(plan, f: Flags, w, bufs, saved):
         plan.C, plan.P, plan.hidden, plan.f1.splits,
         POOL=f.pool, TWO_LAYERS=f.two_layers, HAS_B1=f.has_b1, HAS_B2=f.has_b2,
         ACC_DTYPE=_tl_acc(plan.dtype), BLOCK_C=plan.phi_block_c, BLOCK_H=plan.phi_block_h,
-        BLOCK_S=plan.f1.block_s, num_warps=NUM_WARPS)
+        BLOCK_S=plan.f1.block_s, num_warps=SMALL_NUM_WARPS)
 
 
 def spatial_gate_fwd(plan, f: Flags, w, bufs, saved, eps: float):
     """psi: combine F2's partials, conv -> u, and sa (or BatchNorm partial moments)."""
     acc = saved["u"]
     eps_hi, eps_lo = f64_pair(eps)
+    kk_pad, block_q = conv_tiles(f.kernel_size, plan.dtype)
     _spatial_gate_fwd_kernel[(plan.N,)](
         bufs["f2_sum"], bufs["f2_max"], bufs["f2_idx"], bufs["f2_cnt"],
         w.conv_weight, _or(w.conv_bias, acc), _or(w.bn_weight, acc), _or(w.bn_bias, acc),
@@ -164,7 +172,7 @@ def spatial_gate_fwd(plan, f: Flags, w, bufs, saved, eps: float):
         POOL_ORDER=f.pool_order, KSIZE=f.kernel_size, HAS_CONV_BIAS=f.has_conv_bias,
         BN_MODE=f.bn_mode, HAS_BN_W=f.has_bn_w, HAS_BN_B=f.has_bn_b,
         ACC_DTYPE=_tl_acc(plan.dtype), BLOCK_P=plan.psi_block_p, BLOCK_S=plan.f2.block_s,
-        num_warps=NUM_WARPS)
+        KK_PAD=kk_pad, BLOCK_Q=block_q, num_warps=SMALL_NUM_WARPS)
 
 
 def bn_partials_reduce(parts, num_parts: int, moments: bool):
@@ -172,7 +180,7 @@ def bn_partials_reduce(parts, num_parts: int, moments: bool):
     `moments`, else (sum, sum) rows; for the all_gather of SyncBatchNorm."""
     out = parts.new_empty(3 if moments else 2)
     _bn_partials_reduce_kernel[(1,)](parts, out, num_parts, MOMENTS=moments,
-                                     ACC_DTYPE=_tl_acc(parts.dtype), num_warps=NUM_WARPS)
+                                     ACC_DTYPE=_tl_acc(parts.dtype), num_warps=SMALL_NUM_WARPS)
     return out
 
 
@@ -287,18 +295,20 @@ def spatial_gate_bwd_stats(plan, f: Flags, saved, bufs):
         bufs["gs_part"], saved["sa"], saved["u"], saved["bn_stats"], bufs["ds"], bufs["bsums"],
         plan.P, plan.b1_splits,
         BN_MODE=f.bn_mode, ACC_DTYPE=_tl_acc(plan.dtype), BLOCK_P=plan.psi_block_p,
-        BLOCK_CS=plan.bwd_block_cs, num_warps=NUM_WARPS)
+        BLOCK_CS=plan.bwd_block_cs, num_warps=SMALL_NUM_WARPS)
 
 
 def spatial_gate_bwd(plan, f: Flags, w, saved, bufs, sums, num_parts: int):
     """du through BatchNorm, dsmean/dsmax through the conv, per-sample conv gradients."""
     acc = saved["u"]
+    kk_pad, block_q = conv_tiles(f.kernel_size, plan.dtype)
     _spatial_gate_bwd_kernel[(plan.N,)](
         bufs["ds"], saved["u"], saved["bn_stats"], sums, _or(w.bn_weight, acc), w.conv_weight,
         saved["smean"], saved["smax"], bufs["du"], bufs["dsmean"], bufs["dsmax"], bufs["cgrad"],
         plan.H, plan.W, num_parts,
         POOL_ORDER=f.pool_order, KSIZE=f.kernel_size, BN_MODE=f.bn_mode, HAS_BN_W=f.has_bn_w,
-        ACC_DTYPE=_tl_acc(plan.dtype), BLOCK_P=plan.psi_block_p, num_warps=NUM_WARPS)
+        ACC_DTYPE=_tl_acc(plan.dtype), BLOCK_P=plan.psi_block_p, KK_PAD=kk_pad, BLOCK_Q=block_q,
+        num_warps=SMALL_NUM_WARPS)
 
 
 def channel_gate_bwd(plan, f: Flags, w, saved, bufs):
@@ -308,8 +318,8 @@ def channel_gate_bwd(plan, f: Flags, w, saved, bufs):
         _or(w.fc2_weight, w.fc1_weight), bufs["dlog"], bufs["dh"], bufs["davg"], bufs["dmx"],
         plan.C, plan.hidden, plan.p_blocks,
         POOL=f.pool, TWO_LAYERS=f.two_layers, HAS_GC2=f.spatial, ACC_DTYPE=_tl_acc(plan.dtype),
-        BLOCK_C=plan.phi_block_c, BLOCK_H=plan.phi_block_h, BLOCK_PB=plan.bwd_block_pb,
-        num_warps=NUM_WARPS)
+        BLOCK_C=plan.phi_bwd_block_c, BLOCK_H=plan.phi_block_h, BLOCK_PB=plan.bwd_block_pb,
+        num_warps=SMALL_NUM_WARPS)
 
 
 GRAD_FIELDS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "conv_weight", "conv_bias",
@@ -332,7 +342,7 @@ def weight_grads(plan, f: Flags, w, saved, bufs):
         POOL=f.pool, TWO_LAYERS=f.two_layers, HAS_B1=f.has_b1, HAS_B2=f.has_b2,
         HAS_CONV=f.spatial, HAS_CONV_BIAS=f.has_conv_bias, HAS_BN_W=f.has_bn_w and f.bn_mode > 0,
         HAS_BN_B=f.has_bn_b and f.bn_mode > 0, ACC_DTYPE=_tl_acc(plan.dtype),
-        BLOCK_R=WEIGHT_TILE, BLOCK_K=WEIGHT_TILE, BLOCK_G=CONV_GRAD_BLOCK, num_warps=NUM_WARPS)
+        BLOCK_R=WEIGHT_TILE, BLOCK_K=WEIGHT_TILE, BLOCK_G=CONV_GRAD_BLOCK, num_warps=SMALL_NUM_WARPS)
     return grads
 
 

@@ -11,6 +11,7 @@ from typing import Optional
 
 from torch import nn
 
+from .attention import recorder_of
 from .function import cbam_unchecked
 from .spec import CBAMSpec, CBAMWeights
 from .sync_bn import sync_group
@@ -57,7 +58,7 @@ class FusedCBAMBase(nn.Module):
         group = sync_group(bn)  # SyncBatchNorm in training: global batch statistics
         # the batch counter (num_batches_tracked) is counted by the forward, as by nn.BatchNorm2d
         return cbam_unchecked(x, self.spec, w, bn_training=bn_training, bn_momentum=momentum,
-                              bn_group=group)
+                              bn_group=group, gates=recorder_of(self))
 
 
 class _ConvBN(nn.Module):

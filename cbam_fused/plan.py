@@ -19,6 +19,7 @@ import triton
 TILE_ELEMENTS = 1024
 CONTIG_BLOCKS = (32, 128)
 NUM_WARPS = 4
+SMALL_NUM_WARPS = 8   # the small-map kernels: one program per sample, so more threads each
 MAX_SPLITS = 64       # partial rows merged by one tile of the small-map kernels
 SMALL_TILE = 4096     # elements of one tile in the small-map kernels (half for fp64)
 MAX_HIDDEN = 1024     # hidden units of the channel MLP that one program holds
@@ -107,6 +108,7 @@ class BlockPlan:
     b1_c_per_split: int
     phi_block_c: int
     phi_block_h: int
+    phi_bwd_block_c: int
     psi_block_p: int
     bwd_block_pb: int    # B1 position-block partials merged at once
     bwd_block_cs: int    # B1 channel-split partials merged at once
@@ -128,12 +130,24 @@ class BlockPlan:
         """H*W where the spatial maps exist, 0 without a spatial gate."""
         return self.P if self.spatial else 0
 
-    # ---- workspace layouts: (name, number of elements), carved in this order
+    # ---- workspace layouts: (name, number of elements), carved in this order; computed
+    # once per plan (functools.cached_property writes the instance dict directly)
+    @functools.cached_property
+    def _saved(self):
+        return saved_layouts(self.N, self.C, self.P, self.hidden, self.two_layers, self.spatial)
+
     def saved_acc_layout(self):
-        return saved_layouts(self.N, self.C, self.P, self.hidden, self.two_layers, self.spatial)[0]
+        return self._saved[0]
 
     def saved_i32_layout(self):
-        return saved_layouts(self.N, self.C, self.P, self.hidden, self.two_layers, self.spatial)[1]
+        return self._saved[1]
+
+    @functools.cached_property
+    def sizes(self):
+        """Total elements of each workspace, by layout method name."""
+        return {name: layout_size(getattr(self, name)()) for name in
+                ("saved_acc_layout", "saved_i32_layout", "fwd_scratch_acc_layout",
+                 "fwd_scratch_i32_layout")}
 
     def fwd_scratch_acc_layout(self):
         N, C, P = self.N, self.C, self.Ps
@@ -146,6 +160,7 @@ class BlockPlan:
         return (("f1_idx", N * self.f1.splits * C), ("f1_cnt", N * self.f1.splits * C),
                 ("f2_idx", N * self.f2.splits * P), ("f2_cnt", N * self.f2.splits * P))
 
+    @functools.lru_cache(maxsize=None)
     def bwd_scratch_layout(self, spatial_kernel_size, spatial_maps):
         N, C, P = self.N, self.C, self.Ps
         return (("gs_part", N * self.b1_splits * P), ("gc_part", N * self.p_blocks * C),
@@ -191,8 +206,22 @@ def phi_tiles(hidden: int, two_layers: bool, block_s: int, dtype):
     """(BLOCK_C, BLOCK_H) of the channel-map kernels: BLOCK_H holds every hidden unit
     (two layers) or one block of outputs (one layer)."""
     block_h = _pow2_at_least(hidden, 16) if two_layers else 64
-    small = small_tile(dtype)
-    return max(4, min(small // block_h, small // block_s)), block_h
+    # a weight tile and an MLP input tile live at once; fp64 doubles the registers
+    small = small_tile(dtype) // (4 if dtype == torch.float64 else 2)
+    return max(2, min(small // block_h, small // block_s)), block_h
+
+
+def phi_bwd_tiles(hidden: int, two_layers: bool, block_pb: int, dtype):
+    """(BLOCK_C, BLOCK_H) of the channel-map backward: the forward's tiles (ptxas spills a
+    few bytes on sm_80 with twice the channel block)."""
+    return phi_tiles(hidden, two_layers, block_pb, dtype)
+
+
+def conv_tiles(kernel_size: int, dtype):
+    """(KK_PAD, BLOCK_Q) of the k x k conv in the spatial-map kernels: every tap of BLOCK_Q
+    positions in one [BLOCK_Q, KK_PAD] gather."""
+    kk_pad = triton.next_power_of_2(kernel_size * kernel_size)
+    return kk_pad, max(16, small_tile(dtype) // 2 // kk_pad)  # two gathers live at once
 
 
 def psi_block_p(block_s: int, dtype) -> int:
@@ -220,23 +249,23 @@ def block_plan(N: int, C: int, H: int, W: int, hidden: int, two_layers: bool, sp
     phi_block_c, phi_block_h = phi_tiles(hidden, two_layers, f1.block_s, dtype)
     bwd_block_cs = merge_block(b1_splits)
     psi_block = psi_block_p(max(f2.block_s, bwd_block_cs), dtype)
-    bwd_block_pb = merge_block(p_blocks)
+    bwd_block_pb = min(8, merge_block(p_blocks))  # merged 8 at a time at most (a loop)
+    phi_bwd_block_c = phi_bwd_tiles(hidden, two_layers, bwd_block_pb, dtype)[0]
     rows1 = triton.cdiv(hidden if two_layers else C, WEIGHT_TILE)
     rows2 = triton.cdiv(C, WEIGHT_TILE) if two_layers else 0
     tiles1 = rows1 * triton.cdiv(C, WEIGHT_TILE)
     tiles2 = rows2 * triton.cdiv(hidden, WEIGHT_TILE) if two_layers else 0
     return BlockPlan(N, C, H, W, hidden, two_layers, spatial, p_contig, dtype, f1, f2, block_c, block_p,
                      c_blocks, p_blocks, b1_splits, b1_c_per_split, phi_block_c, phi_block_h,
-                     psi_block, bwd_block_pb, bwd_block_cs, tiles1, tiles2, rows1, rows2)
+                     phi_bwd_block_c, psi_block, bwd_block_pb, bwd_block_cs, tiles1, tiles2,
+                     rows1, rows2)
 
 
 def carve(buf: torch.Tensor, layout):
-    """Views of buf, one per (name, size) of layout, in order: {name: 1-D view}."""
-    out, off = {}, 0
-    for name, size in layout:
-        out[name] = buf[off:off + size]
-        off += size
-    return out
+    """Views of buf, one per (name, size) of layout, in order: {name: 1-D view}
+    (one split call: a Python slice per view would cost a microsecond or two each)."""
+    names = [name for name, _ in layout]
+    return dict(zip(names, buf.split_with_sizes([size for _, size in layout])))
 
 
 def layout_size(layout) -> int:

@@ -36,10 +36,11 @@ def _mlp(v, w: CBAMWeights):
 
 
 def cbam_reference(x, spec: CBAMSpec, w: CBAMWeights, *, bn_training: bool = False,
-                   bn_momentum: float = 0.1):
+                   bn_momentum: float = 0.1, gates=None):
     """out = x * ca * sa; computed in fp32 (fp64 for fp64 input), returned in x.dtype.
 
-    Updates w.bn_running_mean / w.bn_running_var in place when bn_training.
+    Updates w.bn_running_mean / w.bn_running_var in place when bn_training. `gates`, if
+    given, is called as gates(ca, sa or None, x.shape) (attention.py records them).
     """
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     xc = x.to(dt)
@@ -51,8 +52,11 @@ def cbam_reference(x, spec: CBAMSpec, w: CBAMWeights, *, bn_training: bool = Fal
         z = _mlp(0.5 * avg + 0.5 * mx, w)
     else:
         z = _mlp(avg, w)
-    y = xc * torch.sigmoid(z)
+    ca = torch.sigmoid(z)
+    y = xc * ca
     if not spec.has_spatial:
+        if gates is not None:
+            gates(ca, None, x.shape)
         return y.to(x.dtype)
 
     smean = y.mean(1, keepdim=True)
@@ -74,4 +78,7 @@ def cbam_reference(x, spec: CBAMSpec, w: CBAMWeights, *, bn_training: bool = Fal
             with torch.no_grad():
                 rm.copy_(rm_c)
                 rv.copy_(rv_c)
-    return (y * torch.sigmoid(u)).to(x.dtype)
+    sa = torch.sigmoid(u)
+    if gates is not None:
+        gates(ca, sa, x.shape)
+    return (y * sa).to(x.dtype)

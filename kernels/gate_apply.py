@@ -80,9 +80,9 @@ def _gate_apply_kernel(
         if cb == 0:
             tl.store(sa_ptr + prow, sa, mask=mask_p)
         if pid == 0:
-            tl.store(bn_stats_ptr, mean)
-            tl.store(bn_stats_ptr + 1, invstd)
-            tl.store(bn_stats_ptr + 2, count)
+            offs3 = tl.arange(0, 4)
+            stats = tl.where(offs3 == 0, mean, tl.where(offs3 == 1, invstd, count))
+            tl.store(bn_stats_ptr + offs3, stats, mask=offs3 < 3)
             if TRACK:
                 mom = _scalar(mom_hi, mom_lo, ACC_DTYPE)
                 rm = tl.load(rm_ptr).to(ACC_DTYPE)

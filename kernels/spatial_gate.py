@@ -20,7 +20,8 @@ order. Backward, from ds = dL/ds (= Gs * sa * (1 - sa), Gs from B1):
                                                                 in weight_grads.py)
 
 The maps of one sample are small (H*W values): a program writes a map and, after a
-barrier, reads its neighbours back from L1/L2.
+barrier, reads its neighbours back from L1/L2, every tap of BLOCK_Q positions in one
+[BLOCK_Q, k*k] gather.
 """
 import triton
 import triton.language as tl
@@ -29,14 +30,17 @@ from .plane import _combine_moments, _combined_stats, _scalar, _sum_pairs
 
 
 @triton.jit
-def _shifted(py, px, mask_p, t, H, W, KSIZE: tl.constexpr, SIGN: tl.constexpr):
-    """Flat index and validity of the position (py, px) + SIGN * off(t)."""
+def _taps(offs_p, mask_p, H, W, KSIZE: tl.constexpr, KK_PAD: tl.constexpr, SIGN: tl.constexpr):
+    """[BLOCK_Q, KK_PAD] flat indices and validity of the positions (py, px) + SIGN * off(t)
+    for every tap t of the k x k window (t < k*k), and the tap indices [KK_PAD]."""
+    t = tl.arange(0, KK_PAD)
     dy = t // KSIZE - KSIZE // 2
     dx = t % KSIZE - KSIZE // 2
-    qy = py + SIGN * dy
-    qx = px + SIGN * dx
-    valid = mask_p & (qy >= 0) & (qy < H) & (qx >= 0) & (qx < W)
-    return qy * W + qx, valid
+    qy = (offs_p // W)[:, None] + SIGN * dy[None, :]
+    qx = (offs_p % W)[:, None] + SIGN * dx[None, :]
+    valid = (mask_p[:, None] & (t[None, :] < KSIZE * KSIZE)
+             & (qy >= 0) & (qy < H) & (qx >= 0) & (qx < W))
+    return qy * W + qx, valid, t
 
 
 @triton.jit
@@ -74,8 +78,10 @@ def _spatial_gate_fwd_kernel(
     HAS_BN_W: tl.constexpr,
     HAS_BN_B: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    BLOCK_P: tl.constexpr,   # positions per step of the merge
     BLOCK_S: tl.constexpr,   # >= S
+    KK_PAD: tl.constexpr,    # next power of two >= KSIZE * KSIZE
+    BLOCK_Q: tl.constexpr,   # positions per step of the conv (BLOCK_Q x KK_PAD gathers)
 ):
     """Combine F2's partials, then u = conv(z) and, unless BN_MODE 2, sa = sigmoid(BN(u))."""
     n = tl.program_id(0)
@@ -104,19 +110,19 @@ def _spatial_gate_fwd_kernel(
         if n == 0:  # no BatchNorm: defined zeros (the saved workspace is an op's output)
             tl.store(bn_stats_ptr + tl.arange(0, 4), tl.zeros([4], ACC_DTYPE),
                      mask=tl.arange(0, 4) < 3)
-    usum = tl.zeros([BLOCK_P], ACC_DTYPE)
-    for p0 in range(0, P, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
+    usum = tl.zeros([BLOCK_Q], ACC_DTYPE)
+    t = tl.arange(0, KK_PAD)
+    w0 = tl.load(convw_ptr + t, mask=t < KK, other=0.0).to(ACC_DTYPE)
+    w1 = tl.load(convw_ptr + KK + t, mask=(t < KK) & (POOL_ORDER != 2), other=0.0).to(ACC_DTYPE)
+    for p0 in range(0, P, BLOCK_Q):
+        offs_p = p0 + tl.arange(0, BLOCK_Q)
         mask_p = offs_p < P
-        py = offs_p // W
-        px = offs_p % W
-        acc = tl.zeros([BLOCK_P], ACC_DTYPE)
-        for t in range(KK):
-            q, valid = _shifted(py, px, mask_p, t, H, W, KSIZE, 1)
-            z0, z1 = _conv_inputs(smean_ptr + row, smax_ptr + row, q, valid, POOL_ORDER)
-            acc += tl.load(convw_ptr + t).to(ACC_DTYPE) * z0
-            if POOL_ORDER != 2:
-                acc += tl.load(convw_ptr + KK + t).to(ACC_DTYPE) * z1
+        # every tap of every position in one gather: [BLOCK_Q, KK_PAD]
+        q, valid, _ = _taps(offs_p, mask_p, H, W, KSIZE, KK_PAD, 1)
+        z0, z1 = _conv_inputs(smean_ptr + row, smax_ptr + row, q, valid, POOL_ORDER)
+        acc = tl.sum(z0 * w0[None, :], 1)
+        if POOL_ORDER != 2:
+            acc += tl.sum(z1 * w1[None, :], 1)
         if HAS_CONV_BIAS:
             acc += tl.load(convb_ptr).to(ACC_DTYPE)
         tl.store(u_ptr + row + offs_p, acc, mask=mask_p)
@@ -136,9 +142,9 @@ def _spatial_gate_fwd_kernel(
         count = tl.cast(P, ACC_DTYPE)
         mean_n = tl.sum(usum, 0) / count
         tl.debug_barrier()
-        m2 = tl.zeros([BLOCK_P], ACC_DTYPE)
-        for p0 in range(0, P, BLOCK_P):
-            offs_p = p0 + tl.arange(0, BLOCK_P)
+        m2 = tl.zeros([BLOCK_Q], ACC_DTYPE)
+        for p0 in range(0, P, BLOCK_Q):
+            offs_p = p0 + tl.arange(0, BLOCK_Q)
             mask_p = offs_p < P
             d = tl.load(u_ptr + row + offs_p, mask=mask_p, other=0.0) - mean_n
             m2 += tl.where(mask_p, d * d, 0.0)
@@ -210,6 +216,8 @@ def _spatial_gate_bwd_kernel(
     HAS_BN_W: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    KK_PAD: tl.constexpr,    # next power of two >= KSIZE * KSIZE
+    BLOCK_Q: tl.constexpr,   # positions per step of the conv (BLOCK_Q x KK_PAD gathers)
 ):
     """du through BatchNorm, dsmean/dsmax through the conv, per-sample conv gradients."""
     n = tl.program_id(0)
@@ -240,20 +248,28 @@ def _spatial_gate_bwd_kernel(
         tl.store(du_ptr + row + offs_p, du, mask=mask_p)
     tl.debug_barrier()  # the transposed conv reads neighbours that other threads stored
 
-    bsum = tl.zeros([BLOCK_P], ACC_DTYPE)
-    for p0 in range(0, P, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
+    t = tl.arange(0, KK_PAD)
+    w0 = tl.load(convw_ptr + t, mask=t < KK, other=0.0).to(ACC_DTYPE)
+    w1 = tl.load(convw_ptr + KK + t, mask=(t < KK) & (M == 2), other=0.0).to(ACC_DTYPE)
+    bsum = tl.zeros([BLOCK_Q], ACC_DTYPE)
+    g0 = tl.zeros([KK_PAD], ACC_DTYPE)   # per-tap weight gradient of this sample
+    g1 = tl.zeros([KK_PAD], ACC_DTYPE)
+    for p0 in range(0, P, BLOCK_Q):
+        offs_p = p0 + tl.arange(0, BLOCK_Q)
         mask_p = offs_p < P
-        py = offs_p // W
-        px = offs_p % W
-        dz0 = tl.zeros([BLOCK_P], ACC_DTYPE)
-        dz1 = tl.zeros([BLOCK_P], ACC_DTYPE)
-        for t in range(KK):
-            q, valid = _shifted(py, px, mask_p, t, H, W, KSIZE, -1)
-            d = tl.load(du_ptr + row + q, mask=valid, other=0.0)
-            dz0 += tl.where(valid, tl.load(convw_ptr + t).to(ACC_DTYPE) * d, 0.0)
-            if M == 2:
-                dz1 += tl.where(valid, tl.load(convw_ptr + KK + t).to(ACC_DTYPE) * d, 0.0)
+        # transposed conv: dz[q] = sum_t w[t] du[q - off(t)], one gather [BLOCK_Q, KK_PAD]
+        q, valid, _ = _taps(offs_p, mask_p, H, W, KSIZE, KK_PAD, -1)
+        d = tl.load(du_ptr + row + q, mask=valid, other=0.0)
+        dz0 = tl.sum(tl.where(valid, w0[None, :] * d, 0.0), 1)
+        dz1 = tl.sum(tl.where(valid, w1[None, :] * d, 0.0), 1)
+        # weight gradient: dw[t] += sum_p du[p] z[p + off(t)]
+        du_p = tl.load(du_ptr + row + offs_p, mask=mask_p, other=0.0)
+        q, valid, _ = _taps(offs_p, mask_p, H, W, KSIZE, KK_PAD, 1)
+        z0, z1 = _conv_inputs(smean_ptr + row, smax_ptr + row, q, valid, POOL_ORDER)
+        g0 += tl.sum(tl.where(valid, du_p[:, None] * z0, 0.0), 0)
+        if M == 2:
+            g1 += tl.sum(tl.where(valid, du_p[:, None] * z1, 0.0), 0)
+        bsum += tl.where(mask_p, du_p, 0.0)
         if POOL_ORDER == 0:
             dmean, dmax = dz1, dz0
         elif POOL_ORDER == 1:
@@ -263,25 +279,12 @@ def _spatial_gate_bwd_kernel(
             dmax = dmean
         tl.store(dsmean_ptr + row + offs_p, dmean, mask=mask_p)
         tl.store(dsmax_ptr + row + offs_p, dmax, mask=mask_p)
-        bsum += tl.where(mask_p, tl.load(du_ptr + row + offs_p, mask=mask_p, other=0.0), 0.0)
 
     crow = n.to(tl.int64) * (M * KK + 1)
-    for t in range(KK):
-        a0 = tl.zeros([BLOCK_P], ACC_DTYPE)
-        a1 = tl.zeros([BLOCK_P], ACC_DTYPE)
-        for p0 in range(0, P, BLOCK_P):
-            offs_p = p0 + tl.arange(0, BLOCK_P)
-            mask_p = offs_p < P
-            q, valid = _shifted(offs_p // W, offs_p % W, mask_p, t, H, W, KSIZE, 1)
-            d = tl.load(du_ptr + row + offs_p, mask=mask_p, other=0.0)
-            z0, z1 = _conv_inputs(smean_ptr + row, smax_ptr + row, q, valid, POOL_ORDER)
-            a0 += tl.where(valid, d * z0, 0.0)
-            if M == 2:
-                a1 += tl.where(valid, d * z1, 0.0)
-        tl.store(cgrad_ptr + crow + t, tl.sum(a0, 0))
-        if M == 2:
-            tl.store(cgrad_ptr + crow + KK + t, tl.sum(a1, 0))
-    tl.store(cgrad_ptr + crow + M * KK, tl.sum(bsum, 0))
+    tl.store(cgrad_ptr + crow + t, g0, mask=t < KK)
+    if M == 2:
+        tl.store(cgrad_ptr + crow + KK + t, g1, mask=t < KK)
+    tl.store(cgrad_ptr + crow + M * KK + t, tl.where(t == 0, tl.sum(bsum, 0), 0.0), mask=t == 0)
 
 
 @triton.jit

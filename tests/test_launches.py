@@ -20,8 +20,8 @@ from helpers import check_pair, make_module, run_pair
 
 pytestmark = pytest.mark.skipif(
     not triton_interpreter_active(),
-    reason="counts Triton launches in the interpreter; on CUDA `make gpu-check` counts CUDA "
-           "kernels with torch.profiler (benchmarks/gpu_quick.py)")
+    reason="counts Triton launches in the interpreter; on CUDA, test_cuda_kernels_per_block "
+           "counts the kernels the device runs (torch.profiler)")
 
 H100_SMS = 132
 FORWARD = ["_pool_stats_kernel", "_channel_gate_fwd_kernel", "_pool_stats_kernel",
