@@ -23,7 +23,7 @@ extra launch.
 import triton
 import triton.language as tl
 
-from .plane import _combined_stats
+from .plane import _combined_stats, _sum_partial_rows
 
 
 @triton.jit
@@ -167,13 +167,7 @@ def _channel_gate_bwd_kernel(
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
-        gc = tl.zeros([BLOCK_C], ACC_DTYPE)
-        for b0 in range(0, PB, BLOCK_PB):
-            offs_b = b0 + tl.arange(0, BLOCK_PB)
-            m = mask_c[:, None] & (offs_b[None, :] < PB)
-            part = tl.load(gc_part_ptr + (n.to(tl.int64) * PB + offs_b[None, :]) * C
-                           + offs_c[:, None], mask=m, other=0.0)
-            gc += tl.sum(part, 1)
+        gc = _sum_partial_rows(gc_part_ptr, n, PB, C, offs_c, mask_c, ACC_DTYPE, BLOCK_PB)
         if HAS_GC2:
             gc = gc + tl.load(gc2_ptr + row + offs_c, mask=mask_c, other=0.0)
         ca = tl.load(ca_ptr + row + offs_c, mask=mask_c, other=0.0)

@@ -125,3 +125,18 @@ def _sum_pairs(part_ptr, num_parts, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr
         a_acc += tl.load(part_ptr + offs * 2, mask=m, other=0.0)
         b_acc += tl.load(part_ptr + offs * 2 + 1, mask=m, other=0.0)
     return tl.sum(a_acc, 0), tl.sum(b_acc, 0)
+
+
+@triton.jit
+def _sum_partial_rows(part_ptr, n, num_parts, R, offs_r, mask_r, ACC_DTYPE: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """sum_b part[n, b, r] for the rows offs_r of part_ptr ([N, num_parts, R]), BLOCK
+    partial rows at a time, in a fixed order: the merge of a split reduction's sums."""
+    acc = tl.zeros(offs_r.shape, ACC_DTYPE)
+    for b0 in range(0, num_parts, BLOCK):
+        offs_b = b0 + tl.arange(0, BLOCK)
+        m = mask_r[:, None] & (offs_b[None, :] < num_parts)
+        part = tl.load(part_ptr + (n.to(tl.int64) * num_parts + offs_b[None, :]) * R
+                       + offs_r[:, None], mask=m, other=0.0)
+        acc += tl.sum(part, 1)
+    return acc

@@ -26,7 +26,7 @@ barrier, reads its neighbours back from L1/L2, every tap of BLOCK_Q positions in
 import triton
 import triton.language as tl
 
-from .plane import _combine_moments, _combined_stats, _scalar, _sum_pairs
+from .plane import _combine_moments, _combined_stats, _scalar, _sum_pairs, _sum_partial_rows
 
 
 @triton.jit
@@ -178,13 +178,7 @@ def _spatial_gate_bwd_stats_kernel(
     for p0 in range(0, P, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         mask_p = offs_p < P
-        gs = tl.zeros([BLOCK_P], ACC_DTYPE)
-        for b0 in range(0, CS, BLOCK_CS):
-            offs_b = b0 + tl.arange(0, BLOCK_CS)
-            m = mask_p[:, None] & (offs_b[None, :] < CS)
-            part = tl.load(gs_part_ptr + (n.to(tl.int64) * CS + offs_b[None, :]) * P
-                           + offs_p[:, None], mask=m, other=0.0)
-            gs += tl.sum(part, 1)
+        gs = _sum_partial_rows(gs_part_ptr, n, CS, P, offs_p, mask_p, ACC_DTYPE, BLOCK_CS)
         sa = tl.load(sa_ptr + row + offs_p, mask=mask_p, other=0.0)
         ds = gs * (sa * (1 - sa))
         tl.store(ds_ptr + row + offs_p, ds, mask=mask_p)
