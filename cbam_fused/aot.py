@@ -266,6 +266,13 @@ def num_warps(kernel) -> int:
     return PL.NUM_WARPS if kernel.fn.__name__ in _BIG_PASSES else PL.SMALL_NUM_WARPS
 
 
+def launch_options(kernel) -> dict:
+    """The compile options the launchers give a kernel (launchers.py)."""
+    if kernel.fn.__name__ in _BIG_PASSES:
+        return {"num_warps": PL.NUM_WARPS}
+    return {"num_warps": PL.SMALL_NUM_WARPS, "maxnreg": PL.SMALL_MAXNREG}
+
+
 def compile_build(build: Build, arch: int):
     """Compile one configuration for sm_<arch>; returns triton's CompiledKernel."""
     from triton.backends.compiler import GPUTarget
@@ -290,7 +297,7 @@ def compile_build(build: Build, arch: int):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=kernel, signature=signature, constexprs=cx, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": num_warps(kernel)})
+                          options=launch_options(kernel))
 
 
 @functools.lru_cache(maxsize=None)

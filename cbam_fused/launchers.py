@@ -23,8 +23,12 @@ from .kernels.pool_stats import _pool_stats_kernel
 from .kernels.spatial_gate import (_bn_partials_reduce_kernel, _spatial_gate_bwd_kernel,
                                    _spatial_gate_bwd_stats_kernel, _spatial_gate_fwd_kernel)
 from .kernels.weight_grads import _weight_grads_kernel
-from .plan import (CONV_GRAD_BLOCK, NUM_WARPS, SMALL_NUM_WARPS, WEIGHT_TILE, Reduction,  # noqa: F401
-                   acc_dtype, conv_tiles, reduction_plan, sm_count, tile_config)
+from .plan import (CONV_GRAD_BLOCK, NUM_WARPS, SMALL_MAXNREG, SMALL_NUM_WARPS,  # noqa: F401
+                   WEIGHT_TILE, Reduction, acc_dtype, conv_tiles, reduction_plan, sm_count,
+                   tile_config)
+
+# launch options of the small-map kernels (plan.py)
+SMALL_OPTIONS = dict(num_warps=SMALL_NUM_WARPS, maxnreg=SMALL_MAXNREG)
 
 POOL_CODES = {"avg+max": 0, "mean(avg,max)": 1, "avg": 2}
 POOL_ORDER_CODES = {"max,mean": 0, "mean,max": 1, "mean(mean,max)": 2}
@@ -154,7 +158,7 @@ def channel_gate_fwd(plan, f: Flags, w, bufs, saved):
         plan.C, plan.P, plan.hidden, plan.f1.splits,
         POOL=f.pool, TWO_LAYERS=f.two_layers, HAS_B1=f.has_b1, HAS_B2=f.has_b2,
         ACC_DTYPE=_tl_acc(plan.dtype), BLOCK_C=plan.phi_block_c, BLOCK_H=plan.phi_block_h,
-        BLOCK_S=plan.f1.block_s, num_warps=SMALL_NUM_WARPS)
+        BLOCK_S=plan.f1.block_s, **SMALL_OPTIONS)
 
 
 def spatial_gate_fwd(plan, f: Flags, w, bufs, saved, eps: float):
@@ -172,7 +176,7 @@ def spatial_gate_fwd(plan, f: Flags, w, bufs, saved, eps: float):
         POOL_ORDER=f.pool_order, KSIZE=f.kernel_size, HAS_CONV_BIAS=f.has_conv_bias,
         BN_MODE=f.bn_mode, HAS_BN_W=f.has_bn_w, HAS_BN_B=f.has_bn_b,
         ACC_DTYPE=_tl_acc(plan.dtype), BLOCK_P=plan.psi_block_p, BLOCK_S=plan.f2.block_s,
-        KK_PAD=kk_pad, BLOCK_Q=block_q, num_warps=SMALL_NUM_WARPS)
+        KK_PAD=kk_pad, BLOCK_Q=block_q, **SMALL_OPTIONS)
 
 
 def bn_partials_reduce(parts, num_parts: int, moments: bool):
@@ -180,7 +184,7 @@ def bn_partials_reduce(parts, num_parts: int, moments: bool):
     `moments`, else (sum, sum) rows; for the all_gather of SyncBatchNorm."""
     out = parts.new_empty(3 if moments else 2)
     _bn_partials_reduce_kernel[(1,)](parts, out, num_parts, MOMENTS=moments,
-                                     ACC_DTYPE=_tl_acc(parts.dtype), num_warps=SMALL_NUM_WARPS)
+                                     ACC_DTYPE=_tl_acc(parts.dtype), **SMALL_OPTIONS)
     return out
 
 
@@ -295,7 +299,7 @@ def spatial_gate_bwd_stats(plan, f: Flags, saved, bufs):
         bufs["gs_part"], saved["sa"], saved["u"], saved["bn_stats"], bufs["ds"], bufs["bsums"],
         plan.P, plan.b1_splits,
         BN_MODE=f.bn_mode, ACC_DTYPE=_tl_acc(plan.dtype), BLOCK_P=plan.psi_block_p,
-        BLOCK_CS=plan.bwd_block_cs, num_warps=SMALL_NUM_WARPS)
+        BLOCK_CS=plan.bwd_block_cs, **SMALL_OPTIONS)
 
 
 def spatial_gate_bwd(plan, f: Flags, w, saved, bufs, sums, num_parts: int):
@@ -308,7 +312,7 @@ def spatial_gate_bwd(plan, f: Flags, w, saved, bufs, sums, num_parts: int):
         plan.H, plan.W, num_parts,
         POOL_ORDER=f.pool_order, KSIZE=f.kernel_size, BN_MODE=f.bn_mode, HAS_BN_W=f.has_bn_w,
         ACC_DTYPE=_tl_acc(plan.dtype), BLOCK_P=plan.psi_block_p, KK_PAD=kk_pad, BLOCK_Q=block_q,
-        num_warps=SMALL_NUM_WARPS)
+        **SMALL_OPTIONS)
 
 
 def channel_gate_bwd(plan, f: Flags, w, saved, bufs):
@@ -319,7 +323,7 @@ def channel_gate_bwd(plan, f: Flags, w, saved, bufs):
         plan.C, plan.hidden, plan.p_blocks,
         POOL=f.pool, TWO_LAYERS=f.two_layers, HAS_GC2=f.spatial, ACC_DTYPE=_tl_acc(plan.dtype),
         BLOCK_C=plan.phi_bwd_block_c, BLOCK_H=plan.phi_block_h, BLOCK_PB=plan.bwd_block_pb,
-        num_warps=SMALL_NUM_WARPS)
+        **SMALL_OPTIONS)
 
 
 GRAD_FIELDS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "conv_weight", "conv_bias",
@@ -342,7 +346,7 @@ def weight_grads(plan, f: Flags, w, saved, bufs):
         POOL=f.pool, TWO_LAYERS=f.two_layers, HAS_B1=f.has_b1, HAS_B2=f.has_b2,
         HAS_CONV=f.spatial, HAS_CONV_BIAS=f.has_conv_bias, HAS_BN_W=f.has_bn_w and f.bn_mode > 0,
         HAS_BN_B=f.has_bn_b and f.bn_mode > 0, ACC_DTYPE=_tl_acc(plan.dtype),
-        BLOCK_R=WEIGHT_TILE, BLOCK_K=WEIGHT_TILE, BLOCK_G=CONV_GRAD_BLOCK, num_warps=SMALL_NUM_WARPS)
+        BLOCK_R=WEIGHT_TILE, BLOCK_K=WEIGHT_TILE, BLOCK_G=CONV_GRAD_BLOCK, **SMALL_OPTIONS)
     return grads
 
 

@@ -20,6 +20,9 @@ TILE_ELEMENTS = 1024
 CONTIG_BLOCKS = (32, 128)
 NUM_WARPS = 4
 SMALL_NUM_WARPS = 8   # the small-map kernels: one program per sample, so more threads each
+# ... and a register budget: without .maxnreg, ptxas holds 256-thread programs to 32-64
+# registers and spills a few bytes in some tiles (seen with triton 3.6 and 3.8)
+SMALL_MAXNREG = 128
 MAX_SPLITS = 64       # partial rows merged by one tile of the small-map kernels
 SMALL_TILE = 4096     # elements of one tile in the small-map kernels (half for fp64)
 MAX_HIDDEN = 1024     # hidden units of the channel MLP that one program holds
@@ -226,7 +229,7 @@ def conv_tiles(kernel_size: int, dtype):
 
 def psi_block_p(block_s: int, dtype) -> int:
     """Positions per tile of the spatial-map kernels."""
-    return max(16, min(256, small_tile(dtype) // block_s))
+    return max(16, min(256, small_tile(dtype) // 2 // block_s))
 
 
 @functools.lru_cache(maxsize=4096)
