@@ -29,6 +29,7 @@ from .ops import passes
 from .plan import block_plan, carve, layout_size, sm_count
 from .reference import cbam_reference
 from .spec import NUM_TENSOR_FIELDS, CBAMSpec, CBAMWeights
+from .sync_bn import gather_rows
 from .validation import check_inputs
 
 
@@ -96,7 +97,6 @@ def fused_forward(xd, p_contig: bool, spec: CBAMSpec, w: CBAMWeights, bn_batch_s
         return L.gate_apply(xd, s["ca"], p_contig, sa=s["sa"]), saved_acc, saved_i32
     mom, num_parts = t["mom"], N
     if group is not None:
-        from .sync_bn import gather_rows
         mom, num_parts = gather_rows(L.bn_partials_reduce(mom, N, moments=True), group)
     out = L.gate_apply(xd, s["ca"], p_contig, w=w, sa=s["sa"], u=s["u"], mom=mom,
                        num_parts=num_parts, bn_stats=s["bn_stats"], eps=spec.bn_eps,
@@ -121,7 +121,6 @@ def fused_backward(g, xd, p_contig: bool, saved_acc, saved_i32, spec: CBAMSpec, 
         L.spatial_gate_bwd_stats(plan, f, s, t)
         sums, num_parts = t["bsums"], plan.N
         if group is not None and f.bn_mode == 2:
-            from .sync_bn import gather_rows
             sums, num_parts = gather_rows(L.bn_partials_reduce(sums, plan.N, moments=False), group)
         L.spatial_gate_bwd(plan, f, w, s, t, sums, num_parts)
         dsmean, dsmax, smax, sidx, scnt = t["dsmean"], t["dsmax"], s["smax"], s["sidx"], s["scnt"]

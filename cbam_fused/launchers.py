@@ -25,7 +25,7 @@ from .kernels.spatial_gate import (_bn_partials_reduce_kernel, _spatial_gate_bwd
 from .kernels.weight_grads import _weight_grads_kernel
 from .plan import (CONV_GRAD_BLOCK, NUM_WARPS, SMALL_MAXNREG, SMALL_NUM_WARPS,  # noqa: F401
                    WEIGHT_TILE, Reduction, acc_dtype, conv_tiles, reduction_plan, sm_count,
-                   tile_config)
+                   splits_for, tile_config)
 
 # launch options of the small-map kernels (plan.py)
 SMALL_OPTIONS = dict(num_warps=SMALL_NUM_WARPS, maxnreg=SMALL_MAXNREG)
@@ -239,7 +239,6 @@ def bwd_gate_sums(g, x, ca, sa, p_contig: bool, splits=None, gs_part=None, gc_pa
     npb = triton.cdiv(P, block_p)
     c_blocks = triton.cdiv(C, block_c)
     if splits is None:
-        from .plan import splits_for
         splits = splits_for(N * npb, c_blocks, sm_count(x.device))
     splits = max(1, min(splits, c_blocks))
     c_per_split = triton.cdiv(c_blocks, splits) * block_c
