@@ -38,10 +38,16 @@ def _tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _cdiv(a: int, b: int) -> int:
+    """Ceiling division (triton.cdiv is a constexpr_function: a few microseconds a call)."""
+    return -(-a // b)
+
+
 def _to_f32(v: float) -> float:
     return struct.unpack("f", struct.pack("f", v))[0]
 
 
+@functools.lru_cache(maxsize=64)
 def f64_pair(v: float):
     """(hi, lo) fp32 halves of v: Triton passes Python floats as fp32 (see plane._scalar)."""
     hi = _to_f32(v)
@@ -202,7 +208,7 @@ def gate_apply(x, ca, p_contig: bool, sa=None, u=None, mom=None, num_parts=0, bn
     P = H * W
     out = torch.empty_like(x)
     block_c, block_p = _cp_blocks(C, P, p_contig, x.dtype)
-    ncb, npb = triton.cdiv(C, block_c), triton.cdiv(P, block_p)
+    ncb, npb = _cdiv(C, block_c), _cdiv(P, block_p)
     sa_mode = 2 if mom is not None else (1 if sa is not None else 0)
     dummy = ca
     bnw = bnb = rm = rv = nbt = None
@@ -236,13 +242,13 @@ def bwd_gate_sums(g, x, ca, sa, p_contig: bool, splits=None, gs_part=None, gc_pa
     P = H * W
     dt = acc_dtype(x.dtype)
     block_c, block_p = _cp_blocks(C, P, p_contig, x.dtype)
-    npb = triton.cdiv(P, block_p)
-    c_blocks = triton.cdiv(C, block_c)
+    npb = _cdiv(P, block_p)
+    c_blocks = _cdiv(C, block_c)
     if splits is None:
         splits = splits_for(N * npb, c_blocks, sm_count(x.device))
     splits = max(1, min(splits, c_blocks))
-    c_per_split = triton.cdiv(c_blocks, splits) * block_c
-    splits = triton.cdiv(C, c_per_split)
+    c_per_split = _cdiv(c_blocks, splits) * block_c
+    splits = _cdiv(C, c_per_split)
     has_sa = sa is not None
     if has_sa and gs_part is None:
         gs_part = torch.empty(N, splits, P, device=x.device, dtype=dt)
@@ -261,7 +267,7 @@ def bwd_spatial_pool(x, ca, dsmean, dsmax, smax, sidx, scnt, p_contig: bool, ama
     N, C, H, W = x.shape
     P = H * W
     block_c, block_p = _cp_blocks(C, P, p_contig, x.dtype)
-    ncb = triton.cdiv(C, block_c)
+    ncb = _cdiv(C, block_c)
     gc2 = torch.empty(N, C, device=x.device, dtype=acc_dtype(x.dtype)) if out is None else out
     _bwd_spatial_pool_kernel[(N * ncb,)](
         x, ca, dsmean, dsmax, smax, sidx, scnt, gc2, C, P, ncb,
@@ -280,7 +286,7 @@ def bwd_input(g, x, ca, sa, dsmean, dsmax, smax, sidx, scnt, davg, dmx, mx, cidx
     P = H * W
     dx = torch.empty_like(g)
     block_c, block_p = _cp_blocks(C, P, p_contig, x.dtype)
-    ncb, npb = triton.cdiv(C, block_c), triton.cdiv(P, block_p)
+    ncb, npb = _cdiv(C, block_c), _cdiv(P, block_p)
     has_sa = sa is not None
     sp = (sa, dsmean, dsmax, smax, sidx, scnt) if has_sa else (ca, ca, ca, ca, cidx, ccnt)
     _bwd_input_kernel[(N * ncb * npb,)](

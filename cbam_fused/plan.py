@@ -73,7 +73,7 @@ class Reduction:
     splits: int
     k_per_split: int
 
-    @property
+    @functools.cached_property
     def block_s(self):
         return merge_block(self.splits)
 
@@ -152,12 +152,14 @@ class BlockPlan:
                 ("saved_acc_layout", "saved_i32_layout", "fwd_scratch_acc_layout",
                  "fwd_scratch_i32_layout")}
 
+    @functools.lru_cache(maxsize=None)
     def fwd_scratch_acc_layout(self):
         N, C, P = self.N, self.C, self.Ps
         return (("f1_sum", N * self.f1.splits * C), ("f1_max", N * self.f1.splits * C),
                 ("f2_sum", N * self.f2.splits * P), ("f2_max", N * self.f2.splits * P),
                 ("mom", N * 3))
 
+    @functools.lru_cache(maxsize=None)
     def fwd_scratch_i32_layout(self):
         N, C, P = self.N, self.C, self.Ps
         return (("f1_idx", N * self.f1.splits * C), ("f1_cnt", N * self.f1.splits * C),
@@ -220,6 +222,7 @@ def phi_bwd_tiles(hidden: int, two_layers: bool, block_pb: int, dtype):
     return phi_tiles(hidden, two_layers, block_pb, dtype)
 
 
+@functools.lru_cache(maxsize=None)
 def conv_tiles(kernel_size: int, dtype):
     """(KK_PAD, BLOCK_Q) of the k x k conv in the spatial-map kernels: every tap of BLOCK_Q
     positions in one [BLOCK_Q, KK_PAD] gather."""
@@ -264,11 +267,16 @@ def block_plan(N: int, C: int, H: int, W: int, hidden: int, two_layers: bool, sp
                      rows1, rows2)
 
 
+@functools.lru_cache(maxsize=4096)
+def _names_sizes(layout):
+    return tuple(name for name, _ in layout), [size for _, size in layout]
+
+
 def carve(buf: torch.Tensor, layout):
     """Views of buf, one per (name, size) of layout, in order: {name: 1-D view}
     (one split call: a Python slice per view would cost a microsecond or two each)."""
-    names = [name for name, _ in layout]
-    return dict(zip(names, buf.split_with_sizes([size for _, size in layout])))
+    names, sizes = _names_sizes(layout)
+    return dict(zip(names, buf.split_with_sizes(sizes)))
 
 
 def layout_size(layout) -> int:
