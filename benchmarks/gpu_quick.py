@@ -98,7 +98,6 @@ def run(out_dir=None):
             rows.append(row)
         eager_row, fused_row = rows[-2], rows[-1]
         fused_row["speedup_fwdbwd"] = eager_row["fwdbwd_ms"] / fused_row["fwdbwd_ms"]
-        del xs
         torch.cuda.empty_cache()
     cols = ["shape", "layout", "impl", "fwd_ms", "fwdbwd_ms", "speedup_fwdbwd", "fwd_host_us",
             "fwdbwd_host_us", "fwd_kernels", "fwdbwd_kernels"]

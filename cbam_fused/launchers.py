@@ -13,7 +13,6 @@ import functools
 import struct
 
 import torch
-import triton
 import triton.language as tl
 
 from .kernels.backward import _bwd_gate_sums_kernel, _bwd_input_kernel, _bwd_spatial_pool_kernel
@@ -23,9 +22,9 @@ from .kernels.pool_stats import _pool_stats_kernel
 from .kernels.spatial_gate import (_bn_partials_reduce_kernel, _spatial_gate_bwd_kernel,
                                    _spatial_gate_bwd_stats_kernel, _spatial_gate_fwd_kernel)
 from .kernels.weight_grads import _weight_grads_kernel
-from .plan import (CONV_GRAD_BLOCK, NUM_WARPS, SMALL_MAXNREG, SMALL_NUM_WARPS,  # noqa: F401
-                   WEIGHT_TILE, Reduction, acc_dtype, conv_tiles, reduction_plan, sm_count,
-                   splits_for, tile_config)
+from .plan import (CONV_GRAD_BLOCK, NUM_WARPS, SMALL_MAXNREG, SMALL_NUM_WARPS,
+                   WEIGHT_TILE, Reduction, acc_dtype, cdiv, channel_split, conv_tiles,
+                   cp_blocks, reduction_plan, sm_count)
 
 # launch options of the small-map kernels (plan.py)
 SMALL_OPTIONS = dict(num_warps=SMALL_NUM_WARPS, maxnreg=SMALL_MAXNREG)
@@ -36,11 +35,6 @@ POOL_ORDER_CODES = {"max,mean": 0, "mean,max": 1, "mean(mean,max)": 2}
 
 def _tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _cdiv(a: int, b: int) -> int:
-    """Ceiling division (triton.cdiv is a constexpr_function: a few microseconds a call)."""
-    return -(-a // b)
 
 
 def _to_f32(v: float) -> float:
@@ -207,8 +201,8 @@ def gate_apply(x, ca, p_contig: bool, sa=None, u=None, mom=None, num_parts=0, bn
     N, C, H, W = x.shape
     P = H * W
     out = torch.empty_like(x)
-    block_c, block_p = _cp_blocks(C, P, p_contig, x.dtype)
-    ncb, npb = _cdiv(C, block_c), _cdiv(P, block_p)
+    block_c, block_p = cp_blocks(C, P, p_contig, x.dtype)
+    ncb, npb = cdiv(C, block_c), cdiv(P, block_p)
     sa_mode = 2 if mom is not None else (1 if sa is not None else 0)
     dummy = ca
     bnw = bnb = rm = rv = nbt = None
@@ -228,11 +222,6 @@ def gate_apply(x, ca, p_contig: bool, sa=None, u=None, mom=None, num_parts=0, bn
     return out
 
 
-def _cp_blocks(C: int, P: int, p_contig: bool, dtype):
-    contig, other = tile_config(P if p_contig else C, dtype)
-    return (other, contig) if p_contig else (contig, other)  # (BLOCK_C, BLOCK_P)
-
-
 # ---------------------------------------------------------------- backward big passes
 
 def bwd_gate_sums(g, x, ca, sa, p_contig: bool, splits=None, gs_part=None, gc_part=None):
@@ -241,14 +230,9 @@ def bwd_gate_sums(g, x, ca, sa, p_contig: bool, splits=None, gs_part=None, gc_pa
     N, C, H, W = x.shape
     P = H * W
     dt = acc_dtype(x.dtype)
-    block_c, block_p = _cp_blocks(C, P, p_contig, x.dtype)
-    npb = _cdiv(P, block_p)
-    c_blocks = _cdiv(C, block_c)
-    if splits is None:
-        splits = splits_for(N * npb, c_blocks, sm_count(x.device))
-    splits = max(1, min(splits, c_blocks))
-    c_per_split = _cdiv(c_blocks, splits) * block_c
-    splits = _cdiv(C, c_per_split)
+    block_c, block_p = cp_blocks(C, P, p_contig, x.dtype)
+    npb = cdiv(P, block_p)
+    splits, c_per_split = channel_split(N, C, P, p_contig, x.dtype, sm_count(x.device), splits)
     has_sa = sa is not None
     if has_sa and gs_part is None:
         gs_part = torch.empty(N, splits, P, device=x.device, dtype=dt)
@@ -266,8 +250,8 @@ def bwd_spatial_pool(x, ca, dsmean, dsmax, smax, sidx, scnt, p_contig: bool, ama
     """B2: Gc2[n, c] = sum_p x * (dsmean/C + dsmax * e_k), the part of dL/dca through the spatial pools."""
     N, C, H, W = x.shape
     P = H * W
-    block_c, block_p = _cp_blocks(C, P, p_contig, x.dtype)
-    ncb = _cdiv(C, block_c)
+    block_c, block_p = cp_blocks(C, P, p_contig, x.dtype)
+    ncb = cdiv(C, block_c)
     gc2 = torch.empty(N, C, device=x.device, dtype=acc_dtype(x.dtype)) if out is None else out
     _bwd_spatial_pool_kernel[(N * ncb,)](
         x, ca, dsmean, dsmax, smax, sidx, scnt, gc2, C, P, ncb,
@@ -285,8 +269,8 @@ def bwd_input(g, x, ca, sa, dsmean, dsmax, smax, sidx, scnt, davg, dmx, mx, cidx
     N, C, H, W = x.shape
     P = H * W
     dx = torch.empty_like(g)
-    block_c, block_p = _cp_blocks(C, P, p_contig, x.dtype)
-    ncb, npb = _cdiv(C, block_c), _cdiv(P, block_p)
+    block_c, block_p = cp_blocks(C, P, p_contig, x.dtype)
+    ncb, npb = cdiv(C, block_c), cdiv(P, block_p)
     has_sa = sa is not None
     sp = (sa, dsmean, dsmax, smax, sidx, scnt) if has_sa else (ca, ca, ca, ca, cidx, ccnt)
     _bwd_input_kernel[(N * ncb * npb,)](

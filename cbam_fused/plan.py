@@ -55,13 +55,36 @@ def sm_count(device: torch.device) -> int:
     return INTERPRETER_SM_COUNT
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division (triton's cdiv is a constexpr_function: a few microseconds a call)."""
+    return -(-a // b)
+
+
+def cp_blocks(C: int, P: int, p_contig: bool, dtype):
+    """(BLOCK_C, BLOCK_P) of the big passes over the C x H*W plane (F3, B1, B2, B3)."""
+    contig, other = tile_config(P if p_contig else C, dtype)
+    return (other, contig) if p_contig else (contig, other)
+
+
+def channel_split(N: int, C: int, P: int, p_contig: bool, dtype, sms: int, splits=None):
+    """(splits, channels per split) of B1's channel axis: about two programs per SM, or
+    the requested number of splits, in whole channel blocks."""
+    block_c, block_p = cp_blocks(C, P, p_contig, dtype)
+    c_blocks = cdiv(C, block_c)
+    if splits is None:
+        splits = splits_for(N * cdiv(P, block_p), c_blocks, sms)
+    splits = max(1, min(splits, c_blocks))
+    c_per_split = cdiv(c_blocks, splits) * block_c
+    return cdiv(C, c_per_split), c_per_split
+
+
 def splits_for(base_programs: int, blocks: int, sms: int) -> int:
     """Splits of a reduced axis of `blocks` tiles so a launch of base_programs programs
     fills about two programs per SM."""
     want = 2 * sms
     if base_programs >= want:
         return 1
-    return max(1, min(triton.cdiv(want, base_programs), blocks, MAX_SPLITS))
+    return max(1, min(cdiv(want, base_programs), blocks, MAX_SPLITS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,13 +104,13 @@ class Reduction:
 def reduction_plan(N, R, K, k_contig, dtype, sms, splits=None) -> Reduction:
     contig, other = tile_config(K if k_contig else R, dtype)
     block_k, block_r = (contig, other) if k_contig else (other, contig)
-    r_blocks = triton.cdiv(R, block_r)
-    k_blocks = triton.cdiv(K, block_k)
+    r_blocks = cdiv(R, block_r)
+    k_blocks = cdiv(K, block_k)
     if splits is None:
         splits = splits_for(N * r_blocks, k_blocks, sms)
     splits = max(1, min(splits, k_blocks, MAX_SPLITS))
-    k_per_split = triton.cdiv(k_blocks, splits) * block_k
-    return Reduction(block_r, block_k, r_blocks, triton.cdiv(K, k_per_split), k_per_split)
+    k_per_split = cdiv(k_blocks, splits) * block_k
+    return Reduction(block_r, block_k, r_blocks, cdiv(K, k_per_split), k_per_split)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,12 +265,9 @@ def block_plan(N: int, C: int, H: int, W: int, hidden: int, two_layers: bool, sp
     P = H * W
     f1 = reduction_plan(N, C, P, p_contig, dtype, sms)
     f2 = reduction_plan(N, P, C, not p_contig, dtype, sms)
-    contig, other = tile_config(P if p_contig else C, dtype)
-    block_c, block_p = (other, contig) if p_contig else (contig, other)
-    c_blocks, p_blocks = triton.cdiv(C, block_c), triton.cdiv(P, block_p)
-    b1_splits = splits_for(N * p_blocks, c_blocks, sms)
-    b1_c_per_split = triton.cdiv(c_blocks, b1_splits) * block_c
-    b1_splits = triton.cdiv(C, b1_c_per_split)
+    block_c, block_p = cp_blocks(C, P, p_contig, dtype)
+    c_blocks, p_blocks = cdiv(C, block_c), cdiv(P, block_p)
+    b1_splits, b1_c_per_split = channel_split(N, C, P, p_contig, dtype, sms)
 
     if two_layers and hidden > MAX_HIDDEN:
         raise ValueError(f"cbam_fused: the channel MLP's hidden size is at most {MAX_HIDDEN}, "
@@ -257,10 +277,10 @@ def block_plan(N: int, C: int, H: int, W: int, hidden: int, two_layers: bool, sp
     psi_block = psi_block_p(max(f2.block_s, bwd_block_cs), dtype)
     bwd_block_pb = min(8, merge_block(p_blocks))  # merged 8 at a time at most (a loop)
     phi_bwd_block_c = phi_bwd_tiles(hidden, two_layers, bwd_block_pb, dtype)[0]
-    rows1 = triton.cdiv(hidden if two_layers else C, WEIGHT_TILE)
-    rows2 = triton.cdiv(C, WEIGHT_TILE) if two_layers else 0
-    tiles1 = rows1 * triton.cdiv(C, WEIGHT_TILE)
-    tiles2 = rows2 * triton.cdiv(hidden, WEIGHT_TILE) if two_layers else 0
+    rows1 = cdiv(hidden if two_layers else C, WEIGHT_TILE)
+    rows2 = cdiv(C, WEIGHT_TILE) if two_layers else 0
+    tiles1 = rows1 * cdiv(C, WEIGHT_TILE)
+    tiles2 = rows2 * cdiv(hidden, WEIGHT_TILE) if two_layers else 0
     return BlockPlan(N, C, H, W, hidden, two_layers, spatial, p_contig, dtype, f1, f2, block_c, block_p,
                      c_blocks, p_blocks, b1_splits, b1_c_per_split, phi_block_c, phi_block_h,
                      phi_bwd_block_c, psi_block, bwd_block_pb, bwd_block_cs, tiles1, tiles2,
