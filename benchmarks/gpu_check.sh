@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # `make gpu-check`: one prepared command for a machine with a GPU and torch/triton already
 # installed (no network, no venv). Installs the package with --no-deps, runs the whole test
-# suite on CUDA tensors in parallel, then the short benchmark (benchmarks/gpu_quick.py),
-# and prints a one-screen summary. Under 6 minutes on an H100/H200.
-# Logs go to $OUT when it is set (the device tool's machine), else benchmarks/results/gpu-check/.
+# suite on CUDA tensors in parallel, then the short benchmark (the pytest-benchmark cases
+# marked quick, and the host cases: benchmarks/bench.py), and prints a one-screen summary.
+# Under 6 minutes on an H100/H200. Logs go to $OUT when it is set (the device tool's
+# machine), else benchmarks/results/gpu-check/; the benchmark's saved run (JSON, tables,
+# plot) to <that folder>/<gpu>/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOGS="${OUT:-benchmarks/results/gpu-check}"
@@ -24,7 +26,7 @@ CBAM_TEST_DEVICE=cuda timeout 270 python3 -m pytest tests -q -n "$JOBS" -p no:ca
 tests_rc=$?
 tests_s=$(( $(date +%s) - start ))
 
-timeout 150 python3 benchmarks/gpu_quick.py --out "$LOGS" >"$LOGS/bench.log" 2>&1
+timeout 150 python3 benchmarks/bench.py -m "quick or host" --out "$LOGS" --log >"$LOGS/bench.log" 2>&1
 bench_rc=$?
 
 echo "== gpu-check: $(head -n 2 "$LOGS/gpu.txt" | paste -sd ' ' -)"
@@ -33,5 +35,5 @@ grep -E "^(FAILED|ERROR)" "$LOGS/cuda_tests.log" | cut -c1-160 | head -n 15
 grep -E "^SKIPPED" "$LOGS/cuda_tests.log" | cut -c1-160 | sort | uniq | head -n 8
 tail -n 1 "$LOGS/cuda_tests.log"
 echo "== benchmark (rc $bench_rc):"
-tail -n 12 "$LOGS/bench.log"
+sed -n '/^== block/,/^== host/p' "$LOGS/bench.log" | cut -c1-200 | head -n 40
 [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

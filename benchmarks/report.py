@@ -2,6 +2,8 @@
 
 
 def _fmt(v):
+    if v is None:
+        return "-"
     if isinstance(v, float):
         return f"{v:.2e}" if (v != 0 and (abs(v) < 1e-2 or abs(v) >= 1e5)) else f"{v:.3g}"
     return str(v)
