@@ -3,7 +3,8 @@ each saved run records about the machine, and the compile-time budget.
 
 Without a CUDA device the Triton interpreter is switched on (before triton is imported),
 so the host benchmarks' CPU tensors go through the kernel path (with stubbed kernels),
-and the GPU cases skip unless CBAM_BENCH_DEVICE=cpu asks for a plumbing dry run.
+and the GPU cases skip unless CBAM_BENCH_DEVICE=cpu asks for a plumbing dry run (which
+switches the interpreter on, on any machine: cbam_fused runs its kernels there).
 """
 import os
 import sys
@@ -13,7 +14,7 @@ sys.path.insert(0, HERE)
 
 import torch  # noqa: E402  (torch does not import triton: the flag below still applies)
 
-if not torch.cuda.is_available():
+if not torch.cuda.is_available() or os.environ.get("CBAM_BENCH_DEVICE") == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402

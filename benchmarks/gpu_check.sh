@@ -26,7 +26,8 @@ CBAM_TEST_DEVICE=cuda timeout 270 python3 -m pytest tests -q -n "$JOBS" -p no:ca
 tests_rc=$?
 tests_s=$(( $(date +%s) - start ))
 
-timeout 150 python3 benchmarks/bench.py -m "quick or host" --out "$LOGS" --log >"$LOGS/bench.log" 2>&1
+timeout 200 python3 benchmarks/bench.py -m "quick or host" --out "$LOGS" --log --time-limit 120 \
+    >"$LOGS/bench.log" 2>&1
 bench_rc=$?
 
 echo "== gpu-check: $(head -n 2 "$LOGS/gpu.txt" | paste -sd ' ' -)"

@@ -19,7 +19,7 @@ from typing import List, Optional, Tuple
 
 from torch import nn
 
-from .modules import FusedCBAMBase, bn_weights
+from .modules import FusedCBAMBase, bn_weights, child, tensor
 from .spec import CBAMSpec, CBAMWeights
 
 log = logging.getLogger(__name__)
@@ -117,14 +117,14 @@ class FusedTimmCbam(_Wrapper):
                              spatial_pool="mean(mean,max)" if light else "mean,max",
                              kernel_size=k, max_mode="amax", bn_eps=bn.eps if bn else 1e-5)
 
-    def fused_weights(self):
-        ch, conv = self.channel, self.spatial.conv.conv
-        return CBAMWeights(fc1_weight=ch.fc1.weight, fc1_bias=ch.fc1.bias, fc2_weight=ch.fc2.weight,
-                           fc2_bias=ch.fc2.bias, conv_weight=conv.weight, conv_bias=conv.bias,
-                           **bn_weights(self.spatial_bn()))
-
-    def spatial_bn(self):
-        return _check_bn(self.spatial.conv.bn, "spatial.conv.bn")
+    def weights_and_bn(self):
+        ch, conv_bn = child(self, "channel"), child(self, "spatial", "conv")
+        fc1, fc2, conv = child(ch, "fc1"), child(ch, "fc2"), child(conv_bn, "conv")
+        bn = _check_bn(child(conv_bn, "bn"), "spatial.conv.bn")
+        return CBAMWeights(fc1_weight=tensor(fc1, "weight"), fc1_bias=tensor(fc1, "bias"),
+                           fc2_weight=tensor(fc2, "weight"), fc2_bias=tensor(fc2, "bias"),
+                           conv_weight=tensor(conv, "weight"), conv_bias=tensor(conv, "bias"),
+                           **bn_weights(bn)), bn
 
 
 class FusedUltralyticsCBAM(_Wrapper):
@@ -141,13 +141,10 @@ class FusedUltralyticsCBAM(_Wrapper):
         self.spec = CBAMSpec(channel_pool="avg", spatial_pool="mean,max", kernel_size=k,
                              max_mode="first")
 
-    def fused_weights(self):
-        fc, cv = self.channel_attention.fc, self.spatial_attention.cv1
-        return CBAMWeights(fc1_weight=fc.weight, fc1_bias=fc.bias, conv_weight=cv.weight,
-                           conv_bias=cv.bias)
-
-    def spatial_bn(self):
-        return None
+    def weights_and_bn(self):
+        fc, cv = child(self, "channel_attention", "fc"), child(self, "spatial_attention", "cv1")
+        return CBAMWeights(fc1_weight=tensor(fc, "weight"), fc1_bias=tensor(fc, "bias"),
+                           conv_weight=tensor(cv, "weight"), conv_bias=tensor(cv, "bias")), None
 
 
 class FusedOfficialCBAM(_Wrapper):
@@ -180,19 +177,19 @@ class FusedOfficialCBAM(_Wrapper):
                              spatial_pool="max,mean" if has_spatial else None, kernel_size=k,
                              max_mode="first", bn_eps=bn.eps if has_spatial and bn else 1e-5)
 
-    def fused_weights(self):
-        mlp = self.ChannelGate.mlp
-        fields = dict(fc1_weight=mlp[1].weight, fc1_bias=mlp[1].bias, fc2_weight=mlp[3].weight,
-                      fc2_bias=mlp[3].bias)
-        if self.spec.has_spatial:
-            conv = self.SpatialGate.spatial.conv
-            fields.update(conv_weight=conv.weight, conv_bias=conv.bias, **bn_weights(self.spatial_bn()))
-        return CBAMWeights(**fields)
-
-    def spatial_bn(self):
+    def weights_and_bn(self):
+        mlp = child(self, "ChannelGate", "mlp")
+        fc1, fc2 = child(mlp, "1"), child(mlp, "3")
+        fields = dict(fc1_weight=tensor(fc1, "weight"), fc1_bias=tensor(fc1, "bias"),
+                      fc2_weight=tensor(fc2, "weight"), fc2_bias=tensor(fc2, "bias"))
         if not self.spec.has_spatial:
-            return None
-        return _check_bn(getattr(self.SpatialGate.spatial, "bn", None), "SpatialGate.spatial.bn")
+            return CBAMWeights(**fields), None
+        sp = child(self, "SpatialGate", "spatial")
+        conv = child(sp, "conv")
+        bn = _check_bn(getattr(sp, "bn", None), "SpatialGate.spatial.bn")
+        fields.update(conv_weight=tensor(conv, "weight"), conv_bias=tensor(conv, "bias"),
+                      **bn_weights(bn))
+        return CBAMWeights(**fields), bn
 
 
 # ---------------------------------------------------------------- recognition and walk

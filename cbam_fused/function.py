@@ -143,6 +143,12 @@ def report_gates(gates, xd, p_contig: bool, spec: CBAMSpec, w: CBAMWeights, save
     gates(views["ca"], views["sa"] if spec.has_spatial else None, tuple(xd.shape))
 
 
+_TENSOR_FIELDS = CBAMWeights._fields[:NUM_TENSOR_FIELDS]
+# weight fields the forward updates in place and the backward does not read
+_UNSAVED_FIELDS = tuple(i for i, name in enumerate(_TENSOR_FIELDS)
+                        if name.startswith("bn_running") or name == "bn_num_batches_tracked")
+
+
 class CBAMFunction(torch.autograd.Function):
     """apply(x, spec, bn_batch_stats, momentum, group, gates, *weight_tensors, has_bn) -> out.
 
@@ -166,9 +172,8 @@ class CBAMFunction(torch.autograd.Function):
         params = list(w[:NUM_TENSOR_FIELDS])
         # The backward reads the BatchNorm statistics the forward used from saved_acc; the
         # buffers are not saved, since a later forward may update them in place.
-        for i, name in enumerate(CBAMWeights._fields[:NUM_TENSOR_FIELDS]):
-            if name.startswith("bn_running") or name == "bn_num_batches_tracked":
-                params[i] = None
+        for i in _UNSAVED_FIELDS:
+            params[i] = None
         ctx.save_for_backward(xd, saved_acc, saved_i32, *params)
         return out
 
@@ -176,13 +181,12 @@ class CBAMFunction(torch.autograd.Function):
     def backward(ctx, g):
         xd, saved_acc, saved_i32, *params = ctx.saved_tensors
         w = CBAMWeights(*params, ctx.has_bn)
-        names = CBAMWeights._fields[:NUM_TENSOR_FIELDS]
-        want = {name for name, need in zip(names, ctx.needs_input_grad[6:]) if need}
+        needs = ctx.needs_input_grad
         dx, grads = passes().block_backward(g, xd, ctx.p_contig, saved_acc, saved_i32, ctx.spec,
-                                            w, ctx.bn_batch_stats, ctx.needs_input_grad[0],
-                                            ctx.group)
+                                            w, ctx.bn_batch_stats, needs[0], ctx.group)
         return (dx, None, None, None, None, None,
-                *[grads.get(name) if name in want else None for name in names], None)
+                *[grads.get(name) if need else None
+                  for name, need in zip(_TENSOR_FIELDS, needs[6:])], None)
 
 
 def cbam(x: torch.Tensor, spec: CBAMSpec, weights: CBAMWeights, *, bn_training: bool = False,
@@ -219,26 +223,27 @@ def cbam_unchecked(x, spec: CBAMSpec, weights: CBAMWeights, *, bn_training: bool
     cast = autocast_dtype(x)
     if cast is not None and x.dtype == torch.float32:
         x = x.to(cast)
-    if not uses_kernels(x) and bn_group is not None:
+    kernels = uses_kernels(x)
+    if not kernels and bn_group is not None:
         raise NotImplementedError(
             "cbam_fused: a synchronized (SyncBatchNorm) spatial BatchNorm needs the fused "
             "path: CUDA tensors, or CPU tensors with TRITON_INTERPRET=1")
     bn_batch_stats = bool(bn_training and weights.has_bn and spec.has_spatial)
     momentum = float(bn_momentum)
-    with torch.autocast(x.device.type, enabled=False):  # x already has the autocast dtype
-        if not uses_kernels(x):
-            _count_batch_on_host(weights, bn_training)
+    if not kernels:
+        _count_batch_on_host(weights, bn_training)
+        with torch.autocast(x.device.type, enabled=False):  # x already has the autocast dtype
             return cbam_reference(x, spec, weights, bn_training=bn_training,
                                   bn_momentum=bn_momentum, gates=gates)
-        if not bn_batch_stats:  # the counter is only touched by the batch-statistics kernel
-            _count_batch_on_host(weights, bn_training)
-        needs_grad = x.requires_grad or any(t.requires_grad for _, t in weights.tensors())
-        if torch.is_grad_enabled() and needs_grad:
-            return CBAMFunction.apply(x, spec, bn_batch_stats, momentum, bn_group, gates,
-                                      *weights)
-        xd, p_contig = L.dense_layout(x)  # no_grad / inference_mode: no autograd node
-        out, saved_acc, _ = passes().block_forward(xd, p_contig, spec, weights, bn_batch_stats,
-                                                   momentum, bn_group)
-        if gates is not None:
-            report_gates(gates, xd, p_contig, spec, weights, saved_acc)
-        return out
+    # the kernel path runs no op that autocast would cast: no autocast context needed
+    if not bn_batch_stats:  # the counter is only touched by the batch-statistics kernel
+        _count_batch_on_host(weights, bn_training)
+    if torch.is_grad_enabled() and (x.requires_grad or any(
+            t is not None and t.requires_grad for t in weights[:NUM_TENSOR_FIELDS])):
+        return CBAMFunction.apply(x, spec, bn_batch_stats, momentum, bn_group, gates, *weights)
+    xd, p_contig = L.dense_layout(x)  # no_grad / inference_mode: no autograd node
+    out, saved_acc, _ = passes().block_forward(xd, p_contig, spec, weights, bn_batch_stats,
+                                               momentum, bn_group)
+    if gates is not None:
+        report_gates(gates, xd, p_contig, spec, weights, saved_acc)
+    return out

@@ -77,7 +77,7 @@ class CBAMWeights(NamedTuple):
 
     def tensors(self):
         """(name, tensor) for every tensor present."""
-        return [(k, v) for k, v in self._asdict().items() if isinstance(v, torch.Tensor)]
+        return [(k, v) for k, v in zip(self._fields, self) if isinstance(v, torch.Tensor)]
 
 
 # Index of the first tensor field and the number of tensor fields; has_bn is last.

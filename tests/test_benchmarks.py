@@ -26,7 +26,9 @@ DIRECTIONS = ["fwd", "fwdbwd"]
 
 
 def _env(**extra):
-    env = dict(os.environ)
+    """The child pytest's environment: not an xdist worker (pytest-benchmark turns itself
+    off in xdist workers, which it recognizes by PYTEST_XDIST_* variables)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
     env.pop("CBAM_BENCH_SHAPES", None)
     env["PYTHONPATH"] = ROOT
     env.update(extra)

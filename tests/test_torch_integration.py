@@ -10,7 +10,7 @@ import cbam_fused
 from cbam_fused import launchers as L
 from cbam_fused.ops import OPS_RAW
 
-from helpers import assert_close, make_module
+from helpers import assert_close, check_pair, make_module, run_pair
 
 
 def _op_args(variant, layout, device, dtype=torch.float32):
@@ -213,3 +213,17 @@ def test_autocast_fp16_dtype_is_the_autocast_one(device):
     assert out.dtype == torch.float16
     with torch.autocast(device.type, enabled=False):
         assert m(x).dtype == torch.float32
+
+
+def test_weights_read_through_a_parametrization(device):
+    """The forward reads weights from the module registries directly (modules.child and
+    modules.tensor, for speed); a parametrized weight is not registered there and is
+    read through its parametrization, gradients reaching the original parameters."""
+    m = make_module("official", 8, device, reduction=2)
+    torch.nn.utils.parametrizations.weight_norm(m.SpatialGate.spatial.conv)
+    torch.nn.utils.parametrizations.weight_norm(m.ChannelGate.mlp[1])
+    assert "weight" not in m.SpatialGate.spatial.conv._parameters
+    x = torch.randn(2, 8, 5, 6, device=device)
+    res = run_pair(m, x)
+    check_pair(res, torch.float32, x.shape, "weight_norm")
+    assert res["fused"]["grads"]["SpatialGate.spatial.conv.parametrizations.weight.original1"] is not None
