@@ -50,20 +50,20 @@ def _plan_key(m, w, xd, p_contig):
             plan.p_contig, plan.dtype, 132)
 
 
-@pytest.mark.benchmark(group="host: launch plan")
+@pytest.mark.benchmark(group="host-launch-plan")
 def test_plan_new_shape(benchmark, block):
     """Planning a shape seen for the first time (then cached)."""
     key = _plan_key(*block)
     benchmark(block_plan.__wrapped__, *key)
 
 
-@pytest.mark.benchmark(group="host: launch plan")
+@pytest.mark.benchmark(group="host-launch-plan")
 def test_plan_cached(benchmark, block):
     m, w, xd, p_contig = block
     benchmark(plan_for, xd, m.spec, w, p_contig)
 
 
-@pytest.mark.benchmark(group="host: forward, kernels stubbed")
+@pytest.mark.benchmark(group="host-forward-stubbed")
 def test_forward_glue(benchmark, block, stubs):
     m, w, xd, p_contig = block
     fused_forward(xd, p_contig, m.spec, w, True, 0.1)
@@ -71,7 +71,7 @@ def test_forward_glue(benchmark, block, stubs):
     benchmark(fused_forward, xd, p_contig, m.spec, w, True, 0.1)
 
 
-@pytest.mark.benchmark(group="host: forward, kernels stubbed")
+@pytest.mark.benchmark(group="host-forward-stubbed")
 def test_module_forward_inference(benchmark, block, stubs):
     """Module call in eval mode under no_grad: input checks, dispatch, the glue."""
     m, _, xd, _ = block
@@ -83,7 +83,7 @@ def test_module_forward_inference(benchmark, block, stubs):
     benchmark(call)
 
 
-@pytest.mark.benchmark(group="host: backward, kernels stubbed")
+@pytest.mark.benchmark(group="host-backward-stubbed")
 def test_backward_glue(benchmark, block, stubs):
     m, w, xd, p_contig = block
     out, saved_acc, saved_i32 = fused_forward(xd, p_contig, m.spec, w, True, 0.1)
@@ -93,7 +93,7 @@ def test_backward_glue(benchmark, block, stubs):
     benchmark(fused_backward, out, xd, p_contig, saved_acc, saved_i32, m.spec, w, True, True)
 
 
-@pytest.mark.benchmark(group="host: training step, kernels stubbed")
+@pytest.mark.benchmark(group="host-training-step-stubbed")
 def test_module_forward_backward(benchmark, block, stubs):
     """Module forward+backward in train mode through autograd (gradients reset to None
     before each round, untimed, as zero_grad(set_to_none=True) does once per step)."""
@@ -117,13 +117,13 @@ def _meta_forward_args():
             m.spec.kernel_size, m.spec.max_mode, m.spec.bn_eps, True, True, 0.1)
 
 
-@pytest.mark.benchmark(group="host: torch.library dispatch (meta)")
+@pytest.mark.benchmark(group="host-library-dispatch-meta")
 def test_fake_forward_direct(benchmark):
     """The fake implementation called as a function: the baseline of the next case."""
     benchmark(ops._FAKES["block_forward"], *_meta_forward_args())
 
 
-@pytest.mark.benchmark(group="host: torch.library dispatch (meta)")
+@pytest.mark.benchmark(group="host-library-dispatch-meta")
 def test_registered_forward(benchmark):
     """The registered op on meta tensors: dispatcher + fake. Eager calls skip it
     (ops.passes()); compiled graphs call it."""
