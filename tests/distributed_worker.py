@@ -5,6 +5,7 @@ distributed result against single-process training of the unconverted eager mode
 the whole batch (computed locally on each rank, no communication).
 """
 import copy
+import gc
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported in this process
@@ -71,7 +72,12 @@ def run(rank, world, port, case):
                             world_size=world)
     try:
         _run(rank, world, case)
+        dist.barrier()  # both ranks done with every collective before the teardown
     finally:
+        # DDP's reducer sits in reference cycles: collect it while its process group is
+        # alive; freed at interpreter exit instead, it can abort the process in gloo's
+        # teardown ("terminate called without an active exception", seen once in CI).
+        gc.collect()
         dist.destroy_process_group()
 
 
