@@ -7,6 +7,7 @@ them that a CPU can.
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -84,7 +85,11 @@ def test_dry_run_of_the_block_cases_is_saved_with_its_three_timings(tmp_path):
     interpreter, torch.compile with inductor's CPU backend): every implementation is
     timed, grouped, and saved with the machine's versions; each compiled one is one graph
     without a break; the tables, the plot and pytest-benchmark compare's table follow."""
-    res, path, run = _bench(tmp_path, "-m", "gpu", "--", "-k", "bf16 and nchw",
+    # inductor's CPU backend needs a C++ compiler (the CPU CI machine has one; a GPU
+    # image may carry only the C compiler Triton needs): without it, no compiled cases
+    compiler = shutil.which("g++") or shutil.which("clang++")
+    res, path, run = _bench(tmp_path, "-m", "gpu" if compiler else "gpu and not compile",
+                            "--", "-k", "bf16 and nchw",
                             CBAM_BENCH_DEVICE="cpu", CBAM_BENCH_SHAPES="tiny",
                             CBAM_BENCH_ROUNDS="2", CBAM_BENCH_WARMUP="1")
     assert res.returncode == 0, res.stdout[-4000:]
@@ -92,8 +97,9 @@ def test_dry_run_of_the_block_cases_is_saved_with_its_three_timings(tmp_path):
     for key in ("device", "torch", "triton", "date"):
         assert info[key], key
     names = {b["extra_info"]["impl"]: b for b in run["benchmarks"] if b["extra_info"]["direction"] == "fwdbwd"}
-    expected = {"cbam_fused", "timm", "official", "compile-default", "compile-max-autotune",
-                "cbam_fused-compile"}
+    expected = {"cbam_fused", "timm", "official"}
+    if compiler:
+        expected |= {"compile-default", "compile-max-autotune", "cbam_fused-compile"}
     try:
         import ultralytics  # noqa: F401
         expected.add("ultralytics")
