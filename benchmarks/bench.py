@@ -35,18 +35,18 @@ def label_of(marks):
     return re.sub(r"[^A-Za-z0-9]+", "-", marks).strip("-") if marks else "all"
 
 
-def compare(json_paths, stem):
-    """`pytest-benchmark compare` over saved runs: the table into <stem>-compare.txt and,
-    when pygal is installed, per-group histograms <stem>-histogram-*.svg."""
+def compare(json_paths, table_path, histogram_prefix):
+    """`pytest-benchmark compare` over saved runs: the table into table_path and, when
+    pygal is installed, per-group histograms <histogram_prefix>-*.svg."""
     cmd = [sys.executable, "-m", "pytest_benchmark", "compare", *json_paths,
            "--group-by=group", "--sort=name", "--columns=min,median,iqr,rounds"]
     try:
         import pygal  # noqa: F401
-        cmd.append(f"--histogram={stem}-histogram")
+        cmd.append(f"--histogram={histogram_prefix}")
     except ImportError:
         print("pygal not installed: no histogram (pip install pygal pygaljs)")
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    with open(f"{stem}-compare.txt", "w") as f:
+    with open(table_path, "w") as f:
         f.write(res.stdout + res.stderr)
     return res.returncode
 
@@ -58,8 +58,7 @@ def compare_saved(out):
         return 1
     folder = os.path.join(out, "compare")
     os.makedirs(folder, exist_ok=True)
-    rc = compare(paths, os.path.join(folder, "table"))
-    os.replace(os.path.join(folder, "table-compare.txt"), os.path.join(folder, "table.txt"))
+    rc = compare(paths, os.path.join(folder, "table.txt"), os.path.join(folder, "histogram"))
     with open(os.path.join(folder, "table.txt")) as f:
         print(f.read())
     print(f"compared {len(paths)} runs: {folder}/table.txt and histograms")
@@ -125,7 +124,7 @@ def main(argv=None):
         f.write(results_report.markdown_report(run))
     if results_report.plot(run, f"{stem}.png"):
         print(f"plot: {stem}.png")
-    compare([f"{stem}.json"], stem)
+    compare([f"{stem}.json"], f"{stem}-compare.txt", f"{stem}-histogram")
     print(f"saved: {stem}.json (+ .md, -compare.txt)")
     return rc
 

@@ -111,10 +111,9 @@ def _meta_forward_args():
     m = CBAM(SHAPE[1], **TIMM_SPEC).to("meta").train()
     w = m.fused_weights()
     x = torch.empty(SHAPE, device="meta", dtype=torch.bfloat16)
-    return (x, w.fc1_weight, w.fc1_bias, w.fc2_weight, w.fc2_bias, w.conv_weight, w.conv_bias,
-            w.bn_weight, w.bn_bias, w.bn_running_mean, w.bn_running_var,
-            w.bn_num_batches_tracked, True, m.spec.channel_pool, m.spec.spatial_pool,
-            m.spec.kernel_size, m.spec.max_mode, m.spec.bn_eps, True, True, 0.1)
+    # the argument order of ops._Registered.block_forward, from the same helpers
+    return (x, *ops._weights_args(w), w.bn_running_mean, w.bn_running_var,
+            w.bn_num_batches_tracked, True, *ops._variant(m.spec, w.has_bn), True, 0.1)
 
 
 @pytest.mark.benchmark(group="host-library-dispatch-meta")

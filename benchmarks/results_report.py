@@ -62,12 +62,19 @@ def host_rows(run):
             for b in run["benchmarks"] if "impl" not in b.get("extra_info", {})]
 
 
+def _shape_layout_order(key):
+    """(shape string, layout) sorted by batch, then largest spatial size first, layout."""
+    shape, layout = key
+    N, _, H, _ = map(int, shape.split("x"))
+    return N, -H, layout
+
+
 def headline_rows(rows, peers=("timm", "compile-max-autotune")):
     """bf16 rows of (shape, layout): cbam_fused wall time and speedup over each peer, per
     direction. A speedup cell is empty where the peer was not measured."""
     sel = [r for r in rows if r["dtype"] == "bf16"]
     keys = sorted({(r["shape"], r["layout"]) for r in sel if r["impl"] == FUSED},
-                  key=lambda k: (int(k[0].split("x")[0]), -int(k[0].split("x")[2]), k[1]))
+                  key=_shape_layout_order)
     out = []
     for shape, layout in keys:
         row = {"shape": shape, "layout": layout}
@@ -134,8 +141,7 @@ def plot(run, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = sorted({(r["shape"], r["layout"]) for r in rows},
-                    key=lambda k: (int(k[0].split("x")[0]), -int(k[0].split("x")[2]), k[1]))
+    labels = sorted({(r["shape"], r["layout"]) for r in rows}, key=_shape_layout_order)
     peers = sorted({r["impl"] for r in rows})
     fig, axes = plt.subplots(2, 1, figsize=(max(7, len(labels) * 1.1), 8), sharex=True)
     width = 0.8 / len(peers)

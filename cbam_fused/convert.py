@@ -19,7 +19,7 @@ from typing import List, Optional, Tuple
 
 from torch import nn
 
-from .modules import FusedCBAMBase, bn_weights, child, tensor
+from .modules import FusedCBAMBase, bn_weights, child, official_layout_weights, tensor
 from .spec import CBAMSpec, CBAMWeights
 
 log = logging.getLogger(__name__)
@@ -178,18 +178,9 @@ class FusedOfficialCBAM(_Wrapper):
                              max_mode="first", bn_eps=bn.eps if has_spatial and bn else 1e-5)
 
     def weights_and_bn(self):
-        mlp = child(self, "ChannelGate", "mlp")
-        fc1, fc2 = child(mlp, "1"), child(mlp, "3")
-        fields = dict(fc1_weight=tensor(fc1, "weight"), fc1_bias=tensor(fc1, "bias"),
-                      fc2_weight=tensor(fc2, "weight"), fc2_bias=tensor(fc2, "bias"))
-        if not self.spec.has_spatial:
-            return CBAMWeights(**fields), None
-        sp = child(self, "SpatialGate", "spatial")
-        conv = child(sp, "conv")
-        bn = _check_bn(getattr(sp, "bn", None), "SpatialGate.spatial.bn")
-        fields.update(conv_weight=tensor(conv, "weight"), conv_bias=tensor(conv, "bias"),
-                      **bn_weights(bn))
-        return CBAMWeights(**fields), bn
+        return official_layout_weights(
+            self, self.spec.has_spatial,
+            resolve_bn=lambda bn: _check_bn(bn, "SpatialGate.spatial.bn"))
 
 
 # ---------------------------------------------------------------- recognition and walk

@@ -66,6 +66,28 @@ def bn_mode(bn: Optional[nn.BatchNorm2d]):
     return bn.training or bn.running_mean is None, momentum
 
 
+def official_layout_weights(block: nn.Module, has_spatial: bool, resolve_bn=None):
+    """(CBAMWeights, spatial BatchNorm or None) of a block laid out as the official CBAM:
+    ChannelGate.mlp.{1,3} (one Linear at .1 when the MLP has a single layer) and
+    SpatialGate.spatial.{conv,bn}. resolve_bn(bn) checks or maps the BatchNorm found
+    there (a wrapped source block's may be absent or unsupported)."""
+    mlp = child(block, "ChannelGate", "mlp")
+    fc1 = child(mlp, "1")
+    fields = dict(fc1_weight=tensor(fc1, "weight"), fc1_bias=tensor(fc1, "bias"))
+    if len(mlp) > 2:
+        fc2 = child(mlp, "3")
+        fields.update(fc2_weight=tensor(fc2, "weight"), fc2_bias=tensor(fc2, "bias"))
+    if not has_spatial:
+        return CBAMWeights(**fields), None
+    sp = child(block, "SpatialGate", "spatial")
+    conv, bn = child(sp, "conv"), getattr(sp, "bn", None)
+    if resolve_bn is not None:
+        bn = resolve_bn(bn)
+    fields.update(conv_weight=tensor(conv, "weight"), conv_bias=tensor(conv, "bias"),
+                  **bn_weights(bn))
+    return CBAMWeights(**fields), bn
+
+
 class FusedCBAMBase(nn.Module):
     """Shared forward: validate, then one fused op. Subclasses set `spec` and `channels`,
     and implement `weights_and_bn()`: (CBAMWeights, the spatial BatchNorm module or None)."""
@@ -148,19 +170,7 @@ class CBAM(FusedCBAMBase):
                                            spatial_bn, bn_momentum, bn_eps)
 
     def weights_and_bn(self):
-        mlp = child(self, "ChannelGate", "mlp")
-        fc1 = child(mlp, "1")
-        fields = dict(fc1_weight=tensor(fc1, "weight"), fc1_bias=tensor(fc1, "bias"))
-        if len(mlp) > 2:
-            fc2 = child(mlp, "3")
-            fields.update(fc2_weight=tensor(fc2, "weight"), fc2_bias=tensor(fc2, "bias"))
-        if not self.spec.has_spatial:
-            return CBAMWeights(**fields), None
-        sp = child(self, "SpatialGate", "spatial")
-        conv, bn = child(sp, "conv"), child(sp, "bn")
-        fields.update(conv_weight=tensor(conv, "weight"), conv_bias=tensor(conv, "bias"),
-                      **bn_weights(bn))
-        return CBAMWeights(**fields), bn
+        return official_layout_weights(self, self.spec.has_spatial)
 
     def extra_repr(self):
         return f"channels={self.channels}, spec={self.spec}"
