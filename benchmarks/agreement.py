@@ -8,7 +8,7 @@ import torch
 
 from cbam_fused import CBAM, cbam_reference
 
-# The CBAM variants of DESIGN.md section 2, as cbam_fused.CBAM options.
+# The CBAM variants of docs/design.md section 2, as cbam_fused.CBAM options.
 VARIANTS = {
     "official": dict(),
     "timm": dict(spatial_pool="mean,max", mlp_bias=False, bn_momentum=0.1, max_mode="amax"),

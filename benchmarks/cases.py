@@ -110,7 +110,7 @@ class Case:
     @property
     def pass_bytes(self):
         """Bytes of x the fused design must move: 4|x| forward, 4|x| + 5|x| forward+backward
-        (DESIGN.md section 3). GB/s columns divide these by the measured times."""
+        (docs/design.md section 3). GB/s columns divide these by the measured times."""
         return (4 if self.direction == "fwd" else 9) * self.x_bytes
 
 

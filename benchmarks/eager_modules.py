@@ -1,5 +1,5 @@
 """Eager CBAM peers for the benchmark, written from the structure of the real modules
-(DESIGN.md section 2). The real timm CbamModule is used when timm is installed."""
+(docs/design.md section 2). The real timm CbamModule is used when timm is installed."""
 import torch
 import torch.nn.functional as F
 from torch import nn

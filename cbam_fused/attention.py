@@ -46,7 +46,11 @@ class _Recorder:
         self.sink[self.name] = AttentionMaps(channel, spatial)
 
 
-RECORDER_ATTR = "_cbam_fused_recorder"
+# The active recorders, by id() of the block they record. Kept outside the blocks, so a
+# copy of a block (copy.deepcopy, pickle: an EMA model, a checkpoint) made inside the
+# `with` block records nothing and can be recorded on its own. The blocks are alive while
+# they are in here: record_attention holds them until it removes them.
+_RECORDERS = {}
 
 
 @contextlib.contextmanager
@@ -61,20 +65,21 @@ def record_attention(model: nn.Module):
                          "first with cbam_fused.convert(model)")
     maps: "OrderedDict[str, AttentionMaps]" = OrderedDict()
     for name, m in blocks:
-        if getattr(m, RECORDER_ATTR, None) is not None:
+        if id(m) in _RECORDERS:
             raise RuntimeError(f"record_attention: block {name or '<root>'} is already being "
                                f"recorded (nested record_attention on the same model)")
-        object.__setattr__(m, RECORDER_ATTR, _Recorder(name, maps))
+    for name, m in blocks:
+        _RECORDERS[id(m)] = _Recorder(name, maps)
     try:
         yield maps
     finally:
         for _, m in blocks:
-            object.__setattr__(m, RECORDER_ATTR, None)
+            _RECORDERS.pop(id(m), None)
 
 
 def recorder_of(module: nn.Module):
     """The active recorder of a fused block, or None."""
-    rec = getattr(module, RECORDER_ATTR, None)
+    rec = _RECORDERS.get(id(module))
     if rec is not None and torch.compiler.is_compiling():
         raise RuntimeError("cbam_fused.record_attention does not work inside torch.compile: "
                            "record with the uncompiled model")

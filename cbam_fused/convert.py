@@ -15,6 +15,7 @@ Anything else that looks like CBAM is left alone and named in the report with th
 """
 import dataclasses
 import logging
+import warnings
 from typing import List, Optional, Tuple
 
 from torch import nn
@@ -82,15 +83,45 @@ def _is_sigmoid(module):
 
 # ---------------------------------------------------------------- fused wrappers
 
+# Hooks that fire when a module is called. The fused block never calls the source
+# block's children (their weights are read directly), so a hook on a child would silently
+# stop firing: convert leaves such a block alone (also old-style weight_norm,
+# spectral_norm and pruning, which recompute a child's weight in a forward pre-hook).
+_CALL_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _check_children_hooks(source: nn.Module):
+    for name, sub in source.named_modules():
+        if sub is source:
+            continue
+        for kind in _CALL_HOOKS:
+            hooks = getattr(sub, kind, None)
+            if hooks:
+                fns = ", ".join(getattr(h, "__qualname__", type(h).__name__)
+                                for h in hooks.values())
+                raise Unsupported(f"{name} has {kind[1:-1].replace('_', ' ')}s ({fns}), which "
+                                  f"would not fire: the fused block does not call its children")
+
+
 class _Wrapper(FusedCBAMBase):
-    """Holds the source block's children under their own names; remembers the source."""
+    """Holds the source block's children under their own names; remembers the source.
+
+    The source's own hooks (forward, pre-forward, backward, state-dict) stay in force:
+    the wrapper shares the source's hook dictionaries, so a hook registered on either
+    fires on the fused block and a hook handle removes it from both. The source's plain
+    attributes (ultralytics' parse_model tags every layer with .i, .f, .type, .np) are
+    copied onto the wrapper."""
 
     def __init__(self, source: nn.Module, children):
         super().__init__()
+        _check_children_hooks(source)
         for name in children:
             setattr(self, name, getattr(source, name))
         object.__setattr__(self, "source", source)  # not a child: no duplicate state-dict keys
         self.training = source.training  # not train(): children keep their own modes
+        for name, value in vars(source).items():
+            if "hook" in name or not (name.startswith("_") or name in self.__dict__):
+                self.__dict__[name] = value
 
 
 class FusedTimmCbam(_Wrapper):
@@ -220,6 +251,9 @@ def convert(model: nn.Module, *, return_report: bool = False, verbose: bool = Fa
     log.info("%s", report)
     if verbose:
         print(report)
+    if report.skipped:
+        warnings.warn("\n".join(f"cbam_fused.convert left {n or '<root>'} ({c}) unfused: {why}"
+                                for n, c, why in report.skipped), stacklevel=2)
     return (model, report) if return_report else model
 
 

@@ -1,6 +1,6 @@
 """The fused CBAM block as one torch.autograd.Function, and the functional entry point.
 
-Forward (DESIGN.md sections 4 and 8), five launches:
+Forward (docs/design.md sections 4 and 8), five launches:
     F1   channel statistics of x, split partials            (pool_stats.py)
     phi  combine, MLP, sigmoid -> ca                         (channel_gate.py)
     F2   spatial statistics of x*ca, split partials          (pool_stats.py)
@@ -28,6 +28,7 @@ from . import launchers as L
 from .ops import passes
 from .plan import block_plan, carve, layout_size, sm_count
 from .reference import cbam_reference
+from .second_order import differentiable_backward
 from .spec import NUM_TENSOR_FIELDS, CBAMSpec, CBAMWeights
 from .sync_bn import gather_rows
 from .validation import check_inputs
@@ -39,8 +40,49 @@ def triton_interpreter_active() -> bool:
 
 
 def uses_kernels(x: torch.Tensor) -> bool:
-    """Whether x goes through the Triton kernels (CUDA, or CPU under the interpreter)."""
+    """Whether x goes through the Triton kernels (CUDA, or CPU under the interpreter) when
+    nothing asks for plain PyTorch ops instead (see `plain_ops_reason`)."""
     return x.is_cuda or (x.device.type == "cpu" and triton_interpreter_active())
+
+
+def _functorch_active() -> bool:
+    """True inside a torch.func transform (vmap, grad, jacrev, jvp, ...)."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def plain_ops_reason():
+    """Why this call must be expressed in plain PyTorch ops (the reference) rather than the
+    fused kernels, or None. The fused block is opaque to tools that record or transform
+    the operations of a forward:
+    - torch.jit.trace and the TorchScript-based torch.onnx.export record the ops a
+      forward runs (a Triton launch records nothing they can replay or export);
+    - torch.onnx.export(dynamo=True) captures the program with torch.export and then
+      needs an ONNX translation of every op: plain ops have one;
+    - torch.func transforms (vmap, grad, ...) run each op through their own rules.
+    torch.compile and plain torch.export keep the fused op (a registered operator with
+    a fake implementation; ops.py). The reference gives the same numbers (every test
+    holds both to the float64 formulas) and the same module state updates."""
+    if torch.compiler.is_compiling():
+        if torch.compiler.is_exporting() and torch.onnx.is_in_onnx_export():
+            return "torch.onnx.export"
+        return None
+    if torch.jit.is_tracing():
+        return "torch.jit.trace"
+    if _functorch_active():
+        return "torch.func transform"
+    return None
+
+
+def dense_weights(w: CBAMWeights) -> CBAMWeights:
+    """w with every tensor contiguous: the kernels index the small maps' weights as dense
+    row-major arrays. A module moved to channels_last holds its k x k conv weight with
+    strides (2k^2, 1, 2k, 2), a parameter can be any strided view; such a weight is
+    copied (a few hundred bytes, differentiable, so its gradient reaches the parameter)."""
+    for t in w[:NUM_TENSOR_FIELDS]:
+        if t is not None and not t.is_contiguous():
+            return w._replace(**{name: t.contiguous() for name, t in w.tensors()
+                                 if not t.is_contiguous()})
+    return w
 
 
 def autocast_dtype(x: torch.Tensor):
@@ -168,22 +210,37 @@ class CBAMFunction(torch.autograd.Function):
         if gates is not None:
             report_gates(gates, xd, p_contig, spec, w, saved_acc)
         ctx.spec, ctx.bn_batch_stats, ctx.p_contig, ctx.group = spec, bn_batch_stats, p_contig, group
+        ctx.dense_copy = xd is not x
         ctx.has_bn = w.has_bn
         params = list(w[:NUM_TENSOR_FIELDS])
         # The backward reads the BatchNorm statistics the forward used from saved_acc; the
         # buffers are not saved, since a later forward may update them in place.
         for i in _UNSAVED_FIELDS:
             params[i] = None
-        ctx.save_for_backward(xd, saved_acc, saved_i32, *params)
+        # x itself, not its dense copy (the same tensor unless x has other strides): a
+        # differentiable backward (second_order.py) must reach x through the graph. The
+        # backward makes the copy again rather than keep both.
+        ctx.save_for_backward(x, saved_acc, saved_i32, *params)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        xd, saved_acc, saved_i32, *params = ctx.saved_tensors
+        x, saved_acc, saved_i32, *params = ctx.saved_tensors
         w = CBAMWeights(*params, ctx.has_bn)
         needs = ctx.needs_input_grad
-        dx, grads = passes().block_backward(g, xd, ctx.p_contig, saved_acc, saved_i32, ctx.spec,
-                                            w, ctx.bn_batch_stats, needs[0], ctx.group)
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # create_graph=True: the caller differentiates this backward (second_order.py)
+            fields = [n for n, need in zip(_TENSOR_FIELDS, needs[6:]) if need]
+            dx, grads = differentiable_backward(
+                g, x, saved_acc, plan_for(x, ctx.spec, w, ctx.p_contig), ctx.spec, w,
+                ctx.bn_batch_stats, ctx.group, needs[0], fields)
+        else:
+            # (a Python flag, not a look at x's strides: torch.compile traces this backward
+            # with tensors whose strides it treats as unknown)
+            xd = x.contiguous() if ctx.dense_copy else x  # dense_layout's copy
+            dx, grads = passes().block_backward(g, xd, ctx.p_contig, saved_acc, saved_i32,
+                                                ctx.spec, w, ctx.bn_batch_stats, needs[0],
+                                                ctx.group)
         return (dx, None, None, None, None, None,
                 *[grads.get(name) if need else None
                   for name, need in zip(_TENSOR_FIELDS, needs[6:])], None)
@@ -224,10 +281,14 @@ def cbam_unchecked(x, spec: CBAMSpec, weights: CBAMWeights, *, bn_training: bool
     if cast is not None and x.dtype == torch.float32:
         x = x.to(cast)
     kernels = uses_kernels(x)
+    plain_reason = plain_ops_reason() if kernels else None
+    if plain_reason is not None:
+        kernels = False
     if not kernels and bn_group is not None:
         raise NotImplementedError(
             "cbam_fused: a synchronized (SyncBatchNorm) spatial BatchNorm needs the fused "
-            "path: CUDA tensors, or CPU tensors with TRITON_INTERPRET=1")
+            "path: CUDA tensors, or CPU tensors with TRITON_INTERPRET=1"
+            + (f", outside {plain_reason}" if plain_reason else ""))
     bn_batch_stats = bool(bn_training and weights.has_bn and spec.has_spatial)
     momentum = float(bn_momentum)
     if not kernels:
@@ -236,6 +297,7 @@ def cbam_unchecked(x, spec: CBAMSpec, weights: CBAMWeights, *, bn_training: bool
             return cbam_reference(x, spec, weights, bn_training=bn_training,
                                   bn_momentum=bn_momentum, gates=gates)
     # the kernel path runs no op that autocast would cast: no autocast context needed
+    weights = dense_weights(weights)
     if not bn_batch_stats:  # the counter is only touched by the batch-statistics kernel
         _count_batch_on_host(weights, bn_training)
     if torch.is_grad_enabled() and (x.requires_grad or any(

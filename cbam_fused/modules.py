@@ -7,12 +7,16 @@ is (`spec`). `CBAM` is the paper/official block with the official state-dict key
 (`ChannelGate.mlp.1.weight`, `SpatialGate.spatial.conv.weight`, ...), so official
 checkpoints load into it unchanged.
 """
+import warnings
 from typing import Optional
 
+import torch
 from torch import nn
+from torch.fx import Proxy
 
 from .attention import recorder_of
 from .function import cbam_unchecked
+from .fx import fx_call
 from .spec import CBAMSpec, CBAMWeights
 from .sync_bn import sync_group
 from .validation import check_inputs
@@ -104,6 +108,17 @@ class FusedCBAMBase(nn.Module):
         return self.weights_and_bn()[1]
 
     def forward(self, x):
+        if isinstance(x, Proxy):  # torch.fx symbolic tracing (fx.py)
+            return fx_call(self, x)
+        if torch.jit.is_tracing():
+            # the input checks compare x's sizes with the weights' (C, and N > 0): facts a
+            # trace may keep as constants, not the data flow TracerWarning is about
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                return self._forward(x)
+        return self._forward(x)
+
+    def _forward(self, x):
         w, bn = self.weights_and_bn()
         bn_training, momentum = bn_mode(bn)
         check_inputs(x, self.spec, w, bn_training, self.channels)
@@ -111,6 +126,17 @@ class FusedCBAMBase(nn.Module):
         # the batch counter (num_batches_tracked) is counted by the forward, as by nn.BatchNorm2d
         return cbam_unchecked(x, self.spec, w, bn_training=bn_training, bn_momentum=momentum,
                               bn_group=group, gates=recorder_of(self))
+
+    def __prepare_scriptable__(self):
+        """torch.jit.script calls this on every submodule before compiling it: refuse
+        with what to do instead (TorchScript cannot compile the Python that launches the
+        Triton kernels)."""
+        raise RuntimeError(
+            f"cbam_fused: torch.jit.script cannot compile the fused CBAM block "
+            f"{type(self).__name__} (its kernels are Triton launches made from Python). "
+            f"Use torch.jit.trace, torch.export or torch.onnx.export, which record the "
+            f"block as plain PyTorch ops or as the registered cbam_fused op, or script the "
+            f"unconverted model: torch.jit.script(cbam_fused.unconvert(copy.deepcopy(model)))")
 
 
 class _ConvBN(nn.Module):

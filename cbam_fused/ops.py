@@ -21,6 +21,7 @@ import types
 
 import torch
 
+from .launchers import as_layout
 from .plan import layout_size, saved_layouts
 from .spec import CBAMSpec, CBAMWeights
 
@@ -95,8 +96,9 @@ def _fake_forward(x, fc1_weight, fc1_bias, fc2_weight, *rest):
 
 def _fake_backward(g, x, saved_acc, saved_i32, *rest):
     weights = rest[:8]
-    need_dx = rest[-1]
-    out = [torch.empty_like(g) if need_dx else g.new_empty(0)]
+    p_contig, need_dx = rest[10], rest[-1]
+    # dx has the layout the kernels write: g brought to x's layout (launchers.as_layout)
+    out = [torch.empty_like(as_layout(g, p_contig)) if need_dx else g.new_empty(0)]
     return out + [torch.empty_like(t, memory_format=torch.contiguous_format)
                   for t in weights if t is not None]
 

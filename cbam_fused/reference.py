@@ -1,4 +1,4 @@
-"""Plain PyTorch CBAM, written from the formulas (DESIGN.md section 1 and 2).
+"""Plain PyTorch CBAM, written from the formulas (docs/design.md section 1 and 2).
 
 This is the oracle every test compares against (tests call it on float64 copies),
 and the path CPU tensors take when the Triton interpreter is off. It shares no

@@ -1,6 +1,6 @@
 """What a CBAM variant is: a hashable spec for the structure and a tuple of weights.
 
-The big passes are the same for every variant (DESIGN.md section 3); only the small
+The big passes are the same for every variant (docs/design.md section 3); only the small
 maps phi (channel) and psi (spatial) differ. CBAMSpec names those differences, so
 one fused implementation serves the paper/official block, timm's CbamModule and
 LightCbamModule, and ultralytics' CBAM.

@@ -1,4 +1,4 @@
-"""Backward passes B1, B2, B3 (DESIGN.md section 5): 5|x| of memory traffic.
+"""Backward passes B1, B2, B3 (docs/design.md section 5): 5|x| of memory traffic.
 
 Notation, per sample: x[c, p], g = dL/dout, ca[c], sa[p], y = x * ca,
 out = y * sa. smean/smax are the spatial pools of y over c (argmax k[p]),

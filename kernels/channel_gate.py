@@ -1,4 +1,4 @@
-"""The channel map phi, forward and backward, one program per sample (DESIGN.md section 8).
+"""The channel map phi, forward and backward, one program per sample (docs/design.md section 8).
 
 Per sample n, with the pooled channel statistics avg[c], mx[c] of x:
 

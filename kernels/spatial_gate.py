@@ -1,4 +1,4 @@
-"""The spatial map psi, forward and backward, one program per sample (DESIGN.md section 8).
+"""The spatial map psi, forward and backward, one program per sample (docs/design.md section 8).
 
 Per sample n, with the spatial statistics of y = x * ca (smean[p] = mean over channels,
 smax[p] = max), and the conv input maps z_m (POOL_ORDER 0: [smax, smean], the official

@@ -10,6 +10,10 @@ arrive in the kernel as plain ints, as compile-time constants do.
 import os
 
 DEVICE = os.environ.get("CBAM_TEST_DEVICE", "cpu")
+# ultralytics (exports in test_ultralytics_yaml.py) would otherwise try to pip-install the
+# optional packages it misses (onnxslim) into the test environment
+os.environ.setdefault("YOLO_AUTOINSTALL", "false")
+os.environ.setdefault("YOLO_OFFLINE", "1")
 if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
 

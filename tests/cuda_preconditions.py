@@ -1,6 +1,6 @@
 """What a CUDA run imposes that the CPU run would not, emulated on the CPU.
 
-The first run on a real GPU (shared/measurements/2026-11-25-h200.md) failed 77 tests
+The first run on a real GPU (docs/design.md section 10) failed 77 tests
 for two reasons the interpreter and CPU kernels hid:
 
 1. The Triton compiler specializes an integer kernel argument equal to 1 into a

@@ -8,7 +8,7 @@ import torch
 from cbam_fused import CBAM, cbam_reference
 from cuda_preconditions import CudaArgumentChecks
 
-# Module options for each CBAM variant of DESIGN.md section 2, built with cbam_fused.CBAM.
+# Module options for each CBAM variant of docs/design.md section 2, built with cbam_fused.CBAM.
 VARIANTS = {
     "official": dict(),
     "timm": dict(channel_pool="avg+max", spatial_pool="mean,max", mlp_bias=False,

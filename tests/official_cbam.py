@@ -1,5 +1,5 @@
 """A CBAM with the structure and state-dict keys of the official implementation
-(Jongchan/attention-module, DESIGN.md section 2), written from that description for
+(Jongchan/attention-module, docs/design.md section 2), written from that description for
 the conversion tests: it is not installable as a package."""
 import torch
 import torch.nn.functional as F

@@ -1,5 +1,5 @@
 """Accounting bounds, counted in the Triton interpreter: bytes of the big tensors each
-direction moves, Triton launches, and bytes saved for backward (DESIGN.md sections 4-5).
+direction moves, Triton launches, and bytes saved for backward (docs/design.md sections 4-5).
 
 Forward: F1 reads x, F2 reads x, F3 reads x and writes out: 4|x|.
 Backward: B1 reads g and x, B2 reads x, B3 reads g and x and writes dx: 5|x|.

@@ -81,7 +81,7 @@ def test_nothing_recorded_after_the_block(device):
     before = maps[""].channel.clone()
     m(x * 2)
     assert list(maps) == [""] and torch.equal(maps[""].channel, before)
-    assert getattr(m, cbam_fused.attention.RECORDER_ATTR) is None
+    assert cbam_fused.attention.recorder_of(m) is None
 
 
 def test_needs_a_fused_block():

@@ -47,6 +47,19 @@ def test_opcheck(variant, layout, device):
                                           "test_aot_dispatch_dynamic"))
 
 
+def test_opcheck_backward_gradient_in_the_other_layout(device):
+    """torch.compile may hand the backward a gradient in another layout than x (it makes
+    the gradients of an autograd.Function contiguous when it cannot trace the backward
+    with their strides): dx is in x's layout, and the fake implementation says so."""
+    args = list(_op_args("timm", "channels_last", device)["block_backward"])
+    args[0] = args[0].contiguous()
+    assert not args[0].is_contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(OPS_RAW.block_backward, tuple(args),
+                          test_utils=("test_schema", "test_faketensor"))
+    dx = OPS_RAW.block_backward(*args)[0]
+    assert dx.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_ops_outputs_match_direct_calls(device):
     """The registered ops run the same code as the eager path."""
     m = make_module("official", 5, device, reduction=2)
