@@ -8,6 +8,11 @@ Tensors are CUDA tensors where a GPU exists, else CPU tensors (the interpreter f
 by conftest.py sends them down the kernel path). The torch.library cases run the
 registered op on meta tensors: the dispatcher and the fake implementation, no kernel.
 
+The glue, module and training-step cases run on each launch path (cbam_fused/launch.py):
+`jit` (Triton's JIT launch, the default: workspace regions as tensor views) and `fast`
+(the opt-in replay of compiled kernels: regions as device addresses, no views; its first
+call captures, outside the timing).
+
 Shape: bf16 8x256x28x28, the timm variant (mean+max pools, no MLP bias, BatchNorm).
 """
 import pytest
@@ -38,9 +43,10 @@ def block():
     return m, m.fused_weights(), xd, p_contig
 
 
-@pytest.fixture
-def stubs():
-    with stubbed_kernels() as launches:
+@pytest.fixture(params=["jit", "fast"])
+def stubs(request):
+    """[launch count], with the kernels stubbed, on the launch path of the param."""
+    with stubbed_kernels(fast=request.param == "fast") as launches:
         yield launches
 
 

@@ -20,7 +20,7 @@ from typing import List, Optional, Tuple
 
 from torch import nn
 
-from .modules import FusedCBAMBase, bn_weights, child, official_layout_weights, tensor
+from .modules import FusedCBAMBase, bn_fields, child, official_layout_weights, tensor
 from .spec import CBAMSpec, CBAMWeights
 
 log = logging.getLogger(__name__)
@@ -152,10 +152,9 @@ class FusedTimmCbam(_Wrapper):
         ch, conv_bn = child(self, "channel"), child(self, "spatial", "conv")
         fc1, fc2, conv = child(ch, "fc1"), child(ch, "fc2"), child(conv_bn, "conv")
         bn = _check_bn(child(conv_bn, "bn"), "spatial.conv.bn")
-        return CBAMWeights(fc1_weight=tensor(fc1, "weight"), fc1_bias=tensor(fc1, "bias"),
-                           fc2_weight=tensor(fc2, "weight"), fc2_bias=tensor(fc2, "bias"),
-                           conv_weight=tensor(conv, "weight"), conv_bias=tensor(conv, "bias"),
-                           **bn_weights(bn)), bn
+        return CBAMWeights(tensor(fc1, "weight"), tensor(fc1, "bias"), tensor(fc2, "weight"),
+                           tensor(fc2, "bias"), tensor(conv, "weight"), tensor(conv, "bias"),
+                           *bn_fields(bn)), bn
 
 
 class FusedUltralyticsCBAM(_Wrapper):
@@ -174,8 +173,8 @@ class FusedUltralyticsCBAM(_Wrapper):
 
     def weights_and_bn(self):
         fc, cv = child(self, "channel_attention", "fc"), child(self, "spatial_attention", "cv1")
-        return CBAMWeights(fc1_weight=tensor(fc, "weight"), fc1_bias=tensor(fc, "bias"),
-                           conv_weight=tensor(cv, "weight"), conv_bias=tensor(cv, "bias")), None
+        return CBAMWeights(tensor(fc, "weight"), tensor(fc, "bias"), None, None,
+                           tensor(cv, "weight"), tensor(cv, "bias")), None
 
 
 class FusedOfficialCBAM(_Wrapper):

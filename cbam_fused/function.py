@@ -25,8 +25,9 @@ import os
 import torch
 
 from . import launchers as L
+from .launch import Capture, call_key, current_stream, jit_launch, use_fast_launch
 from .ops import passes
-from .plan import block_plan, carve, layout_size, sm_count
+from .plan import block_plan, carve, sm_count
 from .reference import cbam_reference
 from .second_order import differentiable_backward
 from .spec import NUM_TENSOR_FIELDS, CBAMSpec, CBAMWeights
@@ -102,10 +103,33 @@ def plan_for(x: torch.Tensor, spec: CBAMSpec, w: CBAMWeights, p_contig: bool):
                       sm_count(x.device))
 
 
-def _saved_views(plan, saved_acc, saved_i32):
-    views = carve(saved_acc, plan.saved_acc_layout())
-    views.update(carve(saved_i32, plan.saved_i32_layout()))
-    return views
+def _bound_launches(plan, xd, group, tag, roots, floats=None):
+    """The fast launch path of one block call (launch.py): (True, None) when it replayed the
+    program bound to this call's plan and key, else (False, run) with `run` the callable
+    its launchers take: a Capture to bind on this call (fast path), or the JIT launch."""
+    if group is not None or not use_fast_launch(xd):
+        return False, jit_launch
+    key, ptrs = call_key((tag, xd.get_device()), roots)
+    program = plan.launch_handles.get(key)
+    if program is not None:
+        program.replay(ptrs, current_stream(xd), floats() if floats else None)
+        return True, None
+    return False, Capture(key, roots, ptrs)
+
+
+def _bind(plan, run):
+    """After a call that captured: keep its program for the later calls of its key."""
+    if isinstance(run, Capture):
+        program = run.program()
+        if program is not None:
+            plan.launch_handles[run.key] = program
+
+
+def _float_args(eps: float, momentum: float):
+    """The forward kernels' float arguments by name (launch.FLOAT_ARGS)."""
+    eps_hi, eps_lo = L.f64_pair(eps)
+    mom_hi, mom_lo = L.f64_pair(momentum)
+    return dict(eps_hi=eps_hi, eps_lo=eps_lo, mom_hi=mom_hi, mom_lo=mom_lo)
 
 
 def fused_forward(xd, p_contig: bool, spec: CBAMSpec, w: CBAMWeights, bn_batch_stats: bool,
@@ -122,27 +146,40 @@ def fused_forward(xd, p_contig: bool, spec: CBAMSpec, w: CBAMWeights, bn_batch_s
     saved_i32 = torch.empty(sizes["saved_i32_layout"], device=dev, dtype=torch.int32)
     scratch_acc = torch.empty(sizes["fwd_scratch_acc_layout"], device=dev, dtype=acc)
     scratch_i32 = torch.empty(sizes["fwd_scratch_i32_layout"], device=dev, dtype=torch.int32)
-    s = _saved_views(plan, saved_acc, saved_i32)
+    out = torch.empty_like(xd)
+    replayed, run = _bound_launches(
+        plan, xd, group, ("fwd", f),
+        (xd, *w[:NUM_TENSOR_FIELDS], saved_acc, saved_i32, scratch_acc, scratch_i32, out),
+        lambda: _float_args(spec.bn_eps, momentum))
+    if replayed:
+        return out, saved_acc, saved_i32
+    s = carve(saved_acc, plan.saved_acc_layout())
+    s.update(carve(saved_i32, plan.saved_i32_layout()))
     t = carve(scratch_acc, plan.fwd_scratch_acc_layout())
     t.update(carve(scratch_i32, plan.fwd_scratch_i32_layout()))
     N, C, P = plan.N, plan.C, plan.P
 
     L.pool_stats_partials(xd, C, P, p_contig, plan.f1,
-                          outs=(t["f1_sum"], t["f1_max"], t["f1_idx"], t["f1_cnt"]))
-    L.channel_gate_fwd(plan, f, w, t, s)
+                          outs=(t["f1_sum"], t["f1_max"], t["f1_idx"], t["f1_cnt"]), run=run)
+    L.channel_gate_fwd(plan, f, w, t, s, run=run)
     if not spec.has_spatial:
-        return L.gate_apply(xd, s["ca"], p_contig), saved_acc, saved_i32
-    L.pool_stats_partials(xd, P, C, not p_contig, plan.f2, scale=s["ca"],
-                          outs=(t["f2_sum"], t["f2_max"], t["f2_idx"], t["f2_cnt"]))
-    L.spatial_gate_fwd(plan, f, w, t, s, spec.bn_eps)
-    if f.bn_mode != 2:
-        return L.gate_apply(xd, s["ca"], p_contig, sa=s["sa"]), saved_acc, saved_i32
-    mom, num_parts = t["mom"], N
-    if group is not None:
-        mom, num_parts = gather_rows(L.bn_partials_reduce(mom, N, moments=True), group)
-    out = L.gate_apply(xd, s["ca"], p_contig, w=w, sa=s["sa"], u=s["u"], mom=mom,
-                       num_parts=num_parts, bn_stats=s["bn_stats"], eps=spec.bn_eps,
-                       momentum=momentum, track=True)
+        L.gate_apply(xd, s["ca"], p_contig, eps=spec.bn_eps, momentum=momentum, out=out,
+                     plan=plan, run=run)
+    else:
+        L.pool_stats_partials(xd, P, C, not p_contig, plan.f2, scale=s["ca"],
+                              outs=(t["f2_sum"], t["f2_max"], t["f2_idx"], t["f2_cnt"]), run=run)
+        L.spatial_gate_fwd(plan, f, w, t, s, spec.bn_eps, run=run)
+        if f.bn_mode != 2:
+            L.gate_apply(xd, s["ca"], p_contig, sa=s["sa"], eps=spec.bn_eps, momentum=momentum,
+                         out=out, plan=plan, run=run)
+        else:
+            mom, num_parts = t["mom"], N
+            if group is not None:
+                mom, num_parts = gather_rows(L.bn_partials_reduce(mom, N, moments=True), group)
+            L.gate_apply(xd, s["ca"], p_contig, w=w, sa=s["sa"], u=s["u"], mom=mom,
+                         num_parts=num_parts, bn_stats=s["bn_stats"], eps=spec.bn_eps,
+                         momentum=momentum, track=True, out=out, plan=plan, run=run)
+    _bind(plan, run)
     return out, saved_acc, saved_i32
 
 
@@ -151,29 +188,39 @@ def fused_backward(g, xd, p_contig: bool, saved_acc, saved_i32, spec: CBAMSpec, 
     """The seven backward launches: (dx or None, {weight field: gradient})."""
     plan = plan_for(xd, spec, w, p_contig)
     f = L.flags_of(spec, w, bn_batch_stats)
-    s = _saved_views(plan, saved_acc, saved_i32)
     layout = plan.bwd_scratch_layout(spec.kernel_size, f.spatial_maps)
-    t = carve(torch.empty(layout_size(layout), device=xd.device, dtype=plan.acc), layout)
+    scratch = torch.empty(plan.bwd_scratch_size(spec.kernel_size, f.spatial_maps),
+                          device=xd.device, dtype=plan.acc)
     g = L.as_layout(g, p_contig)
+    dx = torch.empty_like(g) if need_dx else None
+    grads = L.empty_weight_grads(w)
+    replayed, run = _bound_launches(
+        plan, xd, group, ("bwd", f, need_dx),
+        (g, xd, *w[:NUM_TENSOR_FIELDS], saved_acc, saved_i32, scratch, dx, *grads.values()))
+    if replayed:
+        return dx, grads
+    s = carve(saved_acc, plan.saved_acc_layout())
+    s.update(carve(saved_i32, plan.saved_i32_layout()))
+    t = carve(scratch, layout)
     sa = s["sa"] if spec.has_spatial else None
-    L.bwd_gate_sums(g, xd, s["ca"], sa, p_contig, splits=plan.b1_splits,
-                    gs_part=t["gs_part"] if spec.has_spatial else None, gc_part=t["gc_part"])
+    L.bwd_gate_sums(g, xd, s["ca"], sa, p_contig, gs_part=t["gs_part"] if spec.has_spatial else None,
+                    gc_part=t["gc_part"], plan=plan, run=run)
     dsmean = dsmax = smax = sidx = scnt = None
     if spec.has_spatial:
-        L.spatial_gate_bwd_stats(plan, f, s, t)
+        L.spatial_gate_bwd_stats(plan, f, s, t, run=run)
         sums, num_parts = t["bsums"], plan.N
         if group is not None and f.bn_mode == 2:
             sums, num_parts = gather_rows(L.bn_partials_reduce(sums, plan.N, moments=False), group)
-        L.spatial_gate_bwd(plan, f, w, s, t, sums, num_parts)
+        L.spatial_gate_bwd(plan, f, w, s, t, sums, num_parts, run=run)
         dsmean, dsmax, smax, sidx, scnt = t["dsmean"], t["dsmax"], s["smax"], s["sidx"], s["scnt"]
         L.bwd_spatial_pool(xd, s["ca"], dsmean, dsmax, smax, sidx, scnt, p_contig, spec.amax,
-                           out=t["gc2"])
-    L.channel_gate_bwd(plan, f, w, s, t)
-    grads = L.weight_grads(plan, f, w, s, t)
-    dx = None
+                           out=t["gc2"], plan=plan, run=run)
+    L.channel_gate_bwd(plan, f, w, s, t, run=run)
+    L.weight_grads(plan, f, w, s, t, grads=grads, run=run)
     if need_dx:
-        dx = L.bwd_input(g, xd, s["ca"], sa, dsmean, dsmax, smax, sidx, scnt, t["davg"], t["dmx"],
-                         s["cmax"], s["cidx"], s["ccnt"], p_contig, spec.amax)
+        L.bwd_input(g, xd, s["ca"], sa, dsmean, dsmax, smax, sidx, scnt, t["davg"], t["dmx"],
+                    s["cmax"], s["cidx"], s["ccnt"], p_contig, spec.amax, dx=dx, plan=plan, run=run)
+    _bind(plan, run)
     return dx, grads
 
 
@@ -186,9 +233,11 @@ def report_gates(gates, xd, p_contig: bool, spec: CBAMSpec, w: CBAMWeights, save
 
 
 _TENSOR_FIELDS = CBAMWeights._fields[:NUM_TENSOR_FIELDS]
-# weight fields the forward updates in place and the backward does not read
-_UNSAVED_FIELDS = tuple(i for i, name in enumerate(_TENSOR_FIELDS)
-                        if name.startswith("bn_running") or name == "bn_num_batches_tracked")
+# the parameters lead the weight fields; the BatchNorm buffers (updated in place by the
+# forward, not read by the backward) follow
+_NUM_PARAMS = len(L.GRAD_FIELDS)
+assert _TENSOR_FIELDS[:_NUM_PARAMS] == L.GRAD_FIELDS
+_NO_BUFFERS = (None,) * (NUM_TENSOR_FIELDS - _NUM_PARAMS)
 
 
 class CBAMFunction(torch.autograd.Function):
@@ -212,21 +261,18 @@ class CBAMFunction(torch.autograd.Function):
         ctx.spec, ctx.bn_batch_stats, ctx.p_contig, ctx.group = spec, bn_batch_stats, p_contig, group
         ctx.dense_copy = xd is not x
         ctx.has_bn = w.has_bn
-        params = list(w[:NUM_TENSOR_FIELDS])
-        # The backward reads the BatchNorm statistics the forward used from saved_acc; the
-        # buffers are not saved, since a later forward may update them in place.
-        for i in _UNSAVED_FIELDS:
-            params[i] = None
+        # The parameters, not the BatchNorm buffers: the backward reads the statistics the
+        # forward used from saved_acc (a later forward may update the buffers in place).
         # x itself, not its dense copy (the same tensor unless x has other strides): a
         # differentiable backward (second_order.py) must reach x through the graph. The
         # backward makes the copy again rather than keep both.
-        ctx.save_for_backward(x, saved_acc, saved_i32, *params)
+        ctx.save_for_backward(x, saved_acc, saved_i32, *w[:_NUM_PARAMS])
         return out
 
     @staticmethod
     def backward(ctx, g):
         x, saved_acc, saved_i32, *params = ctx.saved_tensors
-        w = CBAMWeights(*params, ctx.has_bn)
+        w = CBAMWeights(*params, *_NO_BUFFERS, ctx.has_bn)
         needs = ctx.needs_input_grad
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():
             # create_graph=True: the caller differentiates this backward (second_order.py)

@@ -5,8 +5,11 @@ Every launcher of a big-tensor pass takes an activation that is dense in NCHW
 splits and tile sizes come from the cached launch plan (plan.py), so a launch does no
 planning work and the ahead-of-time compile test can build every configuration.
 
-The small-map launchers take the plan, the carved workspace views (`bufs`, a dict of
-1-D views named as in the plan's layouts) and the variant's flags (`Flags`).
+The small-map launchers take the plan, the carved workspace regions (`bufs`, a dict of
+1-D views named as in the plan's layouts, or their device addresses on the fast launch
+path) and the variant's flags (`Flags`). Every launcher issues its launch through
+`run` (launch.py): Triton's JIT launch by default, or a capture or replay of compiled
+kernels on the fast path.
 """
 import dataclasses
 import functools
@@ -22,6 +25,7 @@ from .kernels.pool_stats import _pool_stats_kernel
 from .kernels.spatial_gate import (_bn_partials_reduce_kernel, _spatial_gate_bwd_kernel,
                                    _spatial_gate_bwd_stats_kernel, _spatial_gate_fwd_kernel)
 from .kernels.weight_grads import _weight_grads_kernel
+from .launch import jit_launch
 from .plan import (CONV_GRAD_BLOCK, NUM_WARPS, SMALL_MAXNREG, SMALL_NUM_WARPS,
                    WEIGHT_TILE, Reduction, acc_dtype, cdiv, channel_split, conv_tiles,
                    cp_blocks, reduction_plan, sm_count)
@@ -85,6 +89,13 @@ class Flags:
     has_bn_b: bool
     amax: bool
 
+    def __post_init__(self):
+        # hashed once: Flags are part of the fast launch path's key, hashed every call
+        object.__setattr__(self, "_hash", hash(dataclasses.astuple(self)))
+
+    def __hash__(self):
+        return self._hash
+
     @property
     def spatial_maps(self):
         return 1 if self.pool_order == 2 else 2
@@ -113,7 +124,7 @@ def _or(t, fallback):
 # ---------------------------------------------------------------- F1, F2
 
 def pool_stats_partials(x, R: int, K: int, k_contig: bool, red: Reduction, scale=None,
-                        outs=None):
+                        outs=None, run=jit_launch):
     """Per split s of the K axis: sum, max, first argmax and tie count over the split's
     columns of each sample's R x K plane. Returns four [N, S, R] tensors (sum and max in
     the accumulation dtype, argmax and count int32); `scale` ([N, K]) multiplies column k."""
@@ -124,11 +135,11 @@ def pool_stats_partials(x, R: int, K: int, k_contig: bool, red: Reduction, scale
                 torch.empty(N, red.splits, R, device=x.device, dtype=dt),
                 torch.empty(N, red.splits, R, device=x.device, dtype=torch.int32),
                 torch.empty(N, red.splits, R, device=x.device, dtype=torch.int32))
-    _pool_stats_kernel[(N * red.splits * red.r_blocks,)](
-        x, scale if scale is not None else outs[0], *outs,
-        R, K, red.k_per_split, red.r_blocks, red.splits,
-        HAS_SCALE=scale is not None, K_CONTIG=k_contig, ACC_DTYPE=_tl_acc(x.dtype),
-        BLOCK_R=red.block_r, BLOCK_K=red.block_k, num_warps=NUM_WARPS)
+    run(_pool_stats_kernel, (N * red.splits * red.r_blocks,),
+        (x, scale if scale is not None else outs[0], *outs,
+         R, K, red.k_per_split, red.r_blocks, red.splits),
+        dict(HAS_SCALE=scale is not None, K_CONTIG=k_contig, ACC_DTYPE=_tl_acc(x.dtype),
+             BLOCK_R=red.block_r, BLOCK_K=red.block_k, num_warps=NUM_WARPS))
     return outs
 
 
@@ -148,61 +159,72 @@ def spatial_stats_partials(x, ca, p_contig: bool, splits=None):
 
 # ---------------------------------------------------------------- small maps, forward
 
-def channel_gate_fwd(plan, f: Flags, w, bufs, saved):
+def channel_gate_fwd(plan, f: Flags, w, bufs, saved, run=jit_launch):
     """phi: combine F1's partials, MLP, sigmoid -> saved avg, cmax, cidx, ccnt, h, ca."""
-    _channel_gate_fwd_kernel[(plan.N,)](
-        bufs["f1_sum"], bufs["f1_max"], bufs["f1_idx"], bufs["f1_cnt"],
-        w.fc1_weight, _or(w.fc1_bias, w.fc1_weight), _or(w.fc2_weight, w.fc1_weight),
-        _or(w.fc2_bias, w.fc1_weight),
-        saved["avg"], saved["cmax"], saved["cidx"], saved["ccnt"], saved["h"], saved["ca"],
-        plan.C, plan.P, plan.hidden, plan.f1.splits,
-        POOL=f.pool, TWO_LAYERS=f.two_layers, HAS_B1=f.has_b1, HAS_B2=f.has_b2,
-        ACC_DTYPE=_tl_acc(plan.dtype), BLOCK_C=plan.phi_block_c, BLOCK_H=plan.phi_block_h,
-        BLOCK_S=plan.f1.block_s, **SMALL_OPTIONS)
+    run(_channel_gate_fwd_kernel, (plan.N,),
+        (bufs["f1_sum"], bufs["f1_max"], bufs["f1_idx"], bufs["f1_cnt"],
+         w.fc1_weight, _or(w.fc1_bias, w.fc1_weight), _or(w.fc2_weight, w.fc1_weight),
+         _or(w.fc2_bias, w.fc1_weight),
+         saved["avg"], saved["cmax"], saved["cidx"], saved["ccnt"], saved["h"], saved["ca"],
+         plan.C, plan.P, plan.hidden, plan.f1.splits),
+        dict(POOL=f.pool, TWO_LAYERS=f.two_layers, HAS_B1=f.has_b1, HAS_B2=f.has_b2,
+             ACC_DTYPE=_tl_acc(plan.dtype), BLOCK_C=plan.phi_block_c, BLOCK_H=plan.phi_block_h,
+             BLOCK_S=plan.f1.block_s, **SMALL_OPTIONS))
 
 
-def spatial_gate_fwd(plan, f: Flags, w, bufs, saved, eps: float):
+def spatial_gate_fwd(plan, f: Flags, w, bufs, saved, eps: float, run=jit_launch):
     """psi: combine F2's partials, conv -> u, and sa (or BatchNorm partial moments)."""
     acc = saved["u"]
     eps_hi, eps_lo = f64_pair(eps)
     kk_pad, block_q = conv_tiles(f.kernel_size, plan.dtype)
-    _spatial_gate_fwd_kernel[(plan.N,)](
-        bufs["f2_sum"], bufs["f2_max"], bufs["f2_idx"], bufs["f2_cnt"],
-        w.conv_weight, _or(w.conv_bias, acc), _or(w.bn_weight, acc), _or(w.bn_bias, acc),
-        _or(w.bn_running_mean, acc), _or(w.bn_running_var, acc),
-        saved["smean"], saved["smax"], saved["sidx"], saved["scnt"], saved["u"], saved["sa"],
-        bufs["mom"], saved["bn_stats"],
-        plan.C, plan.H, plan.W, plan.f2.splits, eps_hi, eps_lo,
-        POOL_ORDER=f.pool_order, KSIZE=f.kernel_size, HAS_CONV_BIAS=f.has_conv_bias,
-        BN_MODE=f.bn_mode, HAS_BN_W=f.has_bn_w, HAS_BN_B=f.has_bn_b,
-        ACC_DTYPE=_tl_acc(plan.dtype), BLOCK_P=plan.psi_block_p, BLOCK_S=plan.f2.block_s,
-        KK_PAD=kk_pad, BLOCK_Q=block_q, **SMALL_OPTIONS)
+    run(_spatial_gate_fwd_kernel, (plan.N,),
+        (bufs["f2_sum"], bufs["f2_max"], bufs["f2_idx"], bufs["f2_cnt"],
+         w.conv_weight, _or(w.conv_bias, acc), _or(w.bn_weight, acc), _or(w.bn_bias, acc),
+         _or(w.bn_running_mean, acc), _or(w.bn_running_var, acc),
+         saved["smean"], saved["smax"], saved["sidx"], saved["scnt"], saved["u"], saved["sa"],
+         bufs["mom"], saved["bn_stats"],
+         plan.C, plan.H, plan.W, plan.f2.splits, eps_hi, eps_lo),
+        dict(POOL_ORDER=f.pool_order, KSIZE=f.kernel_size, HAS_CONV_BIAS=f.has_conv_bias,
+             BN_MODE=f.bn_mode, HAS_BN_W=f.has_bn_w, HAS_BN_B=f.has_bn_b,
+             ACC_DTYPE=_tl_acc(plan.dtype), BLOCK_P=plan.psi_block_p, BLOCK_S=plan.f2.block_s,
+             KK_PAD=kk_pad, BLOCK_Q=block_q, **SMALL_OPTIONS))
 
 
-def bn_partials_reduce(parts, num_parts: int, moments: bool):
+def bn_partials_reduce(parts, num_parts: int, moments: bool, run=jit_launch):
     """One row combining num_parts BatchNorm partial rows: (count, mean, M2) rows when
     `moments`, else (sum, sum) rows; for the all_gather of SyncBatchNorm."""
     out = parts.new_empty(3 if moments else 2)
-    _bn_partials_reduce_kernel[(1,)](parts, out, num_parts, MOMENTS=moments,
-                                     ACC_DTYPE=_tl_acc(parts.dtype), **SMALL_OPTIONS)
+    run(_bn_partials_reduce_kernel, (1,), (parts, out, num_parts),
+        dict(MOMENTS=moments, ACC_DTYPE=_tl_acc(parts.dtype), **SMALL_OPTIONS))
     return out
 
 
 # ---------------------------------------------------------------- F3
 
+def big_pass_tiles(x, p_contig: bool, plan=None):
+    """(BLOCK_C, BLOCK_P, channel blocks, position blocks) of a big pass over x: the
+    plan's when given (computed once per shape), else computed from x."""
+    if plan is not None:
+        return plan.block_c, plan.block_p, plan.c_blocks, plan.p_blocks
+    N, C, H, W = x.shape
+    block_c, block_p = cp_blocks(C, H * W, p_contig, x.dtype)
+    return block_c, block_p, cdiv(C, block_c), cdiv(H * W, block_p)
+
+
 def gate_apply(x, ca, p_contig: bool, sa=None, u=None, mom=None, num_parts=0, bn_stats=None,
-               w=None, eps=0.0, momentum=0.0, track=False):
-    """F3: out = x * ca * sa, in x's dtype and layout.
+               w=None, eps=0.0, momentum=0.0, track=False, out=None, plan=None, run=jit_launch):
+    """F3: out = x * ca * sa, in x's dtype and layout (into `out` when given).
 
     sa given: the spatial gate; u and mom given (batch-statistics BatchNorm): sa is made
     here from u and the combined moments, stored into `sa` (required then), and the
     running statistics in w are updated when `track`. Neither: channel gate only.
+    `plan`: the block's plan, whose tiles are those of x (else computed here).
     """
     N, C, H, W = x.shape
     P = H * W
-    out = torch.empty_like(x)
-    block_c, block_p = cp_blocks(C, P, p_contig, x.dtype)
-    ncb, npb = cdiv(C, block_c), cdiv(P, block_p)
+    if out is None:
+        out = torch.empty_like(x)
+    block_c, block_p, ncb, npb = big_pass_tiles(x, p_contig, plan)
     sa_mode = 2 if mom is not None else (1 if sa is not None else 0)
     dummy = ca
     bnw = bnb = rm = rv = nbt = None
@@ -211,131 +233,148 @@ def gate_apply(x, ca, p_contig: bool, sa=None, u=None, mom=None, num_parts=0, bn
                                  w.bn_num_batches_tracked)
     eps_hi, eps_lo = f64_pair(eps)
     mom_hi, mom_lo = f64_pair(momentum)
-    _gate_apply_kernel[(N * ncb * npb,)](
-        x, ca, _or(sa, dummy), _or(u, dummy), _or(mom, dummy), _or(bnw, dummy), _or(bnb, dummy),
-        _or(rm, dummy), _or(rv, dummy), _or(nbt, dummy), _or(bn_stats, dummy), out,
-        C, P, ncb, npb, num_parts, eps_hi, eps_lo, mom_hi, mom_lo,
-        SA_MODE=sa_mode, HAS_BN_W=bnw is not None, HAS_BN_B=bnb is not None,
-        TRACK=bool(track and rm is not None), HAS_NBT=bool(track and nbt is not None),
-        P_CONTIG=p_contig, ACC_DTYPE=_tl_acc(x.dtype),
-        BLOCK_C=block_c, BLOCK_P=block_p, num_warps=NUM_WARPS)
+    run(_gate_apply_kernel, (N * ncb * npb,),
+        (x, ca, _or(sa, dummy), _or(u, dummy), _or(mom, dummy), _or(bnw, dummy), _or(bnb, dummy),
+         _or(rm, dummy), _or(rv, dummy), _or(nbt, dummy), _or(bn_stats, dummy), out,
+         C, P, ncb, npb, num_parts, eps_hi, eps_lo, mom_hi, mom_lo),
+        dict(SA_MODE=sa_mode, HAS_BN_W=bnw is not None, HAS_BN_B=bnb is not None,
+             TRACK=bool(track and rm is not None), HAS_NBT=bool(track and nbt is not None),
+             P_CONTIG=p_contig, ACC_DTYPE=_tl_acc(x.dtype),
+             BLOCK_C=block_c, BLOCK_P=block_p, num_warps=NUM_WARPS))
     return out
 
 
 # ---------------------------------------------------------------- backward big passes
 
-def bwd_gate_sums(g, x, ca, sa, p_contig: bool, splits=None, gs_part=None, gc_part=None):
+def bwd_gate_sums(g, x, ca, sa, p_contig: bool, splits=None, gs_part=None, gc_part=None,
+                  plan=None, run=jit_launch):
     """B1: partial rows of Gs[n, p] = sum_c g*x*ca over channel splits ([N, CS, P], None
-    without sa) and of Gc1[n, c] = sum_p g*x*sa over position blocks ([N, PB, C])."""
+    without sa) and of Gc1[n, c] = sum_p g*x*sa over position blocks ([N, PB, C]).
+    `plan`: the block's plan, whose tiles and splits are used (else computed here)."""
     N, C, H, W = x.shape
     P = H * W
     dt = acc_dtype(x.dtype)
-    block_c, block_p = cp_blocks(C, P, p_contig, x.dtype)
-    npb = cdiv(P, block_p)
-    splits, c_per_split = channel_split(N, C, P, p_contig, x.dtype, sm_count(x.device), splits)
+    block_c, block_p, _, npb = big_pass_tiles(x, p_contig, plan)
+    if plan is not None:
+        splits, c_per_split = plan.b1_splits, plan.b1_c_per_split
+    else:
+        splits, c_per_split = channel_split(N, C, P, p_contig, x.dtype, sm_count(x.device),
+                                            splits)
     has_sa = sa is not None
     if has_sa and gs_part is None:
         gs_part = torch.empty(N, splits, P, device=x.device, dtype=dt)
     if gc_part is None:
         gc_part = torch.empty(N, npb, C, device=x.device, dtype=dt)
-    _bwd_gate_sums_kernel[(N * splits * npb,)](
-        g, x, ca, sa if has_sa else ca, gs_part if has_sa else gc_part, gc_part,
-        C, P, c_per_split, npb, splits,
-        HAS_SA=has_sa, P_CONTIG=p_contig, ACC_DTYPE=_tl_acc(x.dtype),
-        BLOCK_C=block_c, BLOCK_P=block_p, num_warps=NUM_WARPS)
+    run(_bwd_gate_sums_kernel, (N * splits * npb,),
+        (g, x, ca, sa if has_sa else ca, gs_part if has_sa else gc_part, gc_part,
+         C, P, c_per_split, npb, splits),
+        dict(HAS_SA=has_sa, P_CONTIG=p_contig, ACC_DTYPE=_tl_acc(x.dtype),
+             BLOCK_C=block_c, BLOCK_P=block_p, num_warps=NUM_WARPS))
     return (gs_part if has_sa else None), gc_part
 
 
-def bwd_spatial_pool(x, ca, dsmean, dsmax, smax, sidx, scnt, p_contig: bool, amax: bool, out=None):
-    """B2: Gc2[n, c] = sum_p x * (dsmean/C + dsmax * e_k), the part of dL/dca through the spatial pools."""
+def bwd_spatial_pool(x, ca, dsmean, dsmax, smax, sidx, scnt, p_contig: bool, amax: bool, out=None,
+                     plan=None, run=jit_launch):
+    """B2: Gc2[n, c] = sum_p x * (dsmean/C + dsmax * e_k), the part of dL/dca through the
+    spatial pools. `plan`: the block's plan, whose tiles are used (else computed here)."""
     N, C, H, W = x.shape
     P = H * W
-    block_c, block_p = cp_blocks(C, P, p_contig, x.dtype)
-    ncb = cdiv(C, block_c)
+    block_c, block_p, ncb, _ = big_pass_tiles(x, p_contig, plan)
     gc2 = torch.empty(N, C, device=x.device, dtype=acc_dtype(x.dtype)) if out is None else out
-    _bwd_spatial_pool_kernel[(N * ncb,)](
-        x, ca, dsmean, dsmax, smax, sidx, scnt, gc2, C, P, ncb,
-        AMAX=amax, P_CONTIG=p_contig, ACC_DTYPE=_tl_acc(x.dtype),
-        BLOCK_C=block_c, BLOCK_P=block_p, num_warps=NUM_WARPS)
+    run(_bwd_spatial_pool_kernel, (N * ncb,),
+        (x, ca, dsmean, dsmax, smax, sidx, scnt, gc2, C, P, ncb),
+        dict(AMAX=amax, P_CONTIG=p_contig, ACC_DTYPE=_tl_acc(x.dtype),
+             BLOCK_C=block_c, BLOCK_P=block_p, num_warps=NUM_WARPS))
     return gc2
 
 
 def bwd_input(g, x, ca, sa, dsmean, dsmax, smax, sidx, scnt, davg, dmx, mx, cidx, ccnt,
-              p_contig: bool, amax: bool):
-    """B3: dx = (g*sa + dsmean/C + dsmax*e_k)*ca + davg/P + dmx*e_j, in g's dtype and layout.
+              p_contig: bool, amax: bool, dx=None, plan=None, run=jit_launch):
+    """B3: dx = (g*sa + dsmean/C + dsmax*e_k)*ca + davg/P + dmx*e_j, in g's dtype and layout
+    (into `dx` when given).
 
-    Without a spatial gate pass sa (and the spatial tensors) as None.
+    Without a spatial gate pass sa (and the spatial tensors) as None. `plan`: the block's
+    plan, whose tiles are used (else computed here).
     """
     N, C, H, W = x.shape
     P = H * W
-    dx = torch.empty_like(g)
-    block_c, block_p = cp_blocks(C, P, p_contig, x.dtype)
-    ncb, npb = cdiv(C, block_c), cdiv(P, block_p)
+    if dx is None:
+        dx = torch.empty_like(g)
+    block_c, block_p, ncb, npb = big_pass_tiles(x, p_contig, plan)
     has_sa = sa is not None
     sp = (sa, dsmean, dsmax, smax, sidx, scnt) if has_sa else (ca, ca, ca, ca, cidx, ccnt)
-    _bwd_input_kernel[(N * ncb * npb,)](
-        g, x, ca, *sp, davg, dmx, mx, cidx, ccnt, dx, C, P, ncb, npb,
-        HAS_SA=has_sa, AMAX=amax, P_CONTIG=p_contig, ACC_DTYPE=_tl_acc(x.dtype),
-        BLOCK_C=block_c, BLOCK_P=block_p, num_warps=NUM_WARPS)
+    run(_bwd_input_kernel, (N * ncb * npb,),
+        (g, x, ca, *sp, davg, dmx, mx, cidx, ccnt, dx, C, P, ncb, npb),
+        dict(HAS_SA=has_sa, AMAX=amax, P_CONTIG=p_contig, ACC_DTYPE=_tl_acc(x.dtype),
+             BLOCK_C=block_c, BLOCK_P=block_p, num_warps=NUM_WARPS))
     return dx
 
 
 # ---------------------------------------------------------------- small maps, backward
 
-def spatial_gate_bwd_stats(plan, f: Flags, saved, bufs):
+def spatial_gate_bwd_stats(plan, f: Flags, saved, bufs, run=jit_launch):
     """ds = Gs * sa * (1 - sa) and the per-sample BatchNorm-backward sums."""
-    _spatial_gate_bwd_stats_kernel[(plan.N,)](
-        bufs["gs_part"], saved["sa"], saved["u"], saved["bn_stats"], bufs["ds"], bufs["bsums"],
-        plan.P, plan.b1_splits,
-        BN_MODE=f.bn_mode, ACC_DTYPE=_tl_acc(plan.dtype), BLOCK_P=plan.psi_block_p,
-        BLOCK_CS=plan.bwd_block_cs, **SMALL_OPTIONS)
+    run(_spatial_gate_bwd_stats_kernel, (plan.N,),
+        (bufs["gs_part"], saved["sa"], saved["u"], saved["bn_stats"], bufs["ds"], bufs["bsums"],
+         plan.P, plan.b1_splits),
+        dict(BN_MODE=f.bn_mode, ACC_DTYPE=_tl_acc(plan.dtype), BLOCK_P=plan.psi_block_p,
+             BLOCK_CS=plan.bwd_block_cs, **SMALL_OPTIONS))
 
 
-def spatial_gate_bwd(plan, f: Flags, w, saved, bufs, sums, num_parts: int):
+def spatial_gate_bwd(plan, f: Flags, w, saved, bufs, sums, num_parts: int, run=jit_launch):
     """du through BatchNorm, dsmean/dsmax through the conv, per-sample conv gradients."""
     acc = saved["u"]
     kk_pad, block_q = conv_tiles(f.kernel_size, plan.dtype)
-    _spatial_gate_bwd_kernel[(plan.N,)](
-        bufs["ds"], saved["u"], saved["bn_stats"], sums, _or(w.bn_weight, acc), w.conv_weight,
-        saved["smean"], saved["smax"], bufs["du"], bufs["dsmean"], bufs["dsmax"], bufs["cgrad"],
-        plan.H, plan.W, num_parts,
-        POOL_ORDER=f.pool_order, KSIZE=f.kernel_size, BN_MODE=f.bn_mode, HAS_BN_W=f.has_bn_w,
-        ACC_DTYPE=_tl_acc(plan.dtype), BLOCK_P=plan.psi_block_p, KK_PAD=kk_pad, BLOCK_Q=block_q,
-        **SMALL_OPTIONS)
+    run(_spatial_gate_bwd_kernel, (plan.N,),
+        (bufs["ds"], saved["u"], saved["bn_stats"], sums, _or(w.bn_weight, acc), w.conv_weight,
+         saved["smean"], saved["smax"], bufs["du"], bufs["dsmean"], bufs["dsmax"], bufs["cgrad"],
+         plan.H, plan.W, num_parts),
+        dict(POOL_ORDER=f.pool_order, KSIZE=f.kernel_size, BN_MODE=f.bn_mode,
+             HAS_BN_W=f.has_bn_w, ACC_DTYPE=_tl_acc(plan.dtype), BLOCK_P=plan.psi_block_p,
+             KK_PAD=kk_pad, BLOCK_Q=block_q, **SMALL_OPTIONS))
 
 
-def channel_gate_bwd(plan, f: Flags, w, saved, bufs):
+def channel_gate_bwd(plan, f: Flags, w, saved, bufs, run=jit_launch):
     """dlogits, dh, davg, dmx per sample, from B1's Gc1 partials and B2's Gc2."""
-    _channel_gate_bwd_kernel[(plan.N,)](
-        bufs["gc_part"], bufs["gc2"], saved["ca"], saved["h"], w.fc1_weight,
-        _or(w.fc2_weight, w.fc1_weight), bufs["dlog"], bufs["dh"], bufs["davg"], bufs["dmx"],
-        plan.C, plan.hidden, plan.p_blocks,
-        POOL=f.pool, TWO_LAYERS=f.two_layers, HAS_GC2=f.spatial, ACC_DTYPE=_tl_acc(plan.dtype),
-        BLOCK_C=plan.phi_bwd_block_c, BLOCK_H=plan.phi_block_h, BLOCK_PB=plan.bwd_block_pb,
-        **SMALL_OPTIONS)
+    run(_channel_gate_bwd_kernel, (plan.N,),
+        (bufs["gc_part"], bufs["gc2"], saved["ca"], saved["h"], w.fc1_weight,
+         _or(w.fc2_weight, w.fc1_weight), bufs["dlog"], bufs["dh"], bufs["davg"], bufs["dmx"],
+         plan.C, plan.hidden, plan.p_blocks),
+        dict(POOL=f.pool, TWO_LAYERS=f.two_layers, HAS_GC2=f.spatial,
+             ACC_DTYPE=_tl_acc(plan.dtype), BLOCK_C=plan.phi_bwd_block_c,
+             BLOCK_H=plan.phi_block_h, BLOCK_PB=plan.bwd_block_pb, **SMALL_OPTIONS))
 
 
 GRAD_FIELDS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "conv_weight", "conv_bias",
                "bn_weight", "bn_bias")
 
 
-def weight_grads(plan, f: Flags, w, saved, bufs):
+def empty_weight_grads(w):
+    """{field: uninitialized gradient} for every parameter present, in the parameter's
+    dtype and shape, dense."""
+    return {name: torch.empty_like(t, memory_format=torch.contiguous_format)
+            for name, t in zip(GRAD_FIELDS, w) if t is not None}
+
+
+def weight_grads(plan, f: Flags, w, saved, bufs, grads=None, run=jit_launch):
     """Every parameter gradient of the small maps, in each parameter's dtype and shape:
-    {field: gradient} for the parameters present."""
-    grads = {name: torch.empty_like(getattr(w, name), memory_format=torch.contiguous_format)
-             for name in GRAD_FIELDS if getattr(w, name) is not None}
+    {field: gradient} for the parameters present (written into `grads` when given, as
+    empty_weight_grads makes it)."""
+    if grads is None:
+        grads = empty_weight_grads(w)
     dummy = saved["ca"]
     cg = f.spatial_maps * f.kernel_size ** 2 + 1
-    _weight_grads_kernel[(plan.wg_tiles1 + plan.wg_tiles2 + 1,)](
-        saved["avg"], saved["cmax"], saved["h"], bufs["dh"], bufs["dlog"],
-        bufs["cgrad"] if f.spatial else dummy, bufs["bsums"] if f.bn_mode else dummy,
-        *[grads.get(name, dummy) for name in GRAD_FIELDS],
-        plan.N, plan.C, plan.hidden, cg, plan.wg_tiles1, plan.wg_tiles2, plan.wg_rows1,
-        plan.wg_rows2,
-        POOL=f.pool, TWO_LAYERS=f.two_layers, HAS_B1=f.has_b1, HAS_B2=f.has_b2,
-        HAS_CONV=f.spatial, HAS_CONV_BIAS=f.has_conv_bias, HAS_BN_W=f.has_bn_w and f.bn_mode > 0,
-        HAS_BN_B=f.has_bn_b and f.bn_mode > 0, ACC_DTYPE=_tl_acc(plan.dtype),
-        BLOCK_R=WEIGHT_TILE, BLOCK_K=WEIGHT_TILE, BLOCK_G=CONV_GRAD_BLOCK, **SMALL_OPTIONS)
+    run(_weight_grads_kernel, (plan.wg_tiles1 + plan.wg_tiles2 + 1,),
+        (saved["avg"], saved["cmax"], saved["h"], bufs["dh"], bufs["dlog"],
+         bufs["cgrad"] if f.spatial else dummy, bufs["bsums"] if f.bn_mode else dummy,
+         *[grads.get(name, dummy) for name in GRAD_FIELDS],
+         plan.N, plan.C, plan.hidden, cg, plan.wg_tiles1, plan.wg_tiles2, plan.wg_rows1,
+         plan.wg_rows2),
+        dict(POOL=f.pool, TWO_LAYERS=f.two_layers, HAS_B1=f.has_b1, HAS_B2=f.has_b2,
+             HAS_CONV=f.spatial, HAS_CONV_BIAS=f.has_conv_bias,
+             HAS_BN_W=f.has_bn_w and f.bn_mode > 0, HAS_BN_B=f.has_bn_b and f.bn_mode > 0,
+             ACC_DTYPE=_tl_acc(plan.dtype), BLOCK_R=WEIGHT_TILE, BLOCK_K=WEIGHT_TILE,
+             BLOCK_G=CONV_GRAD_BLOCK, **SMALL_OPTIONS))
     return grads
 
 

@@ -48,15 +48,17 @@ def tensor(module: nn.Module, name: str):
     return getattr(module, name)
 
 
-def bn_weights(bn: Optional[nn.BatchNorm2d]) -> dict:
-    """The CBAMWeights fields of a BatchNorm2d (empty without one)."""
+_NO_BN = (None, None, None, None, None, False)
+
+
+def bn_fields(bn: Optional[nn.BatchNorm2d]) -> tuple:
+    """The last six CBAMWeights fields (bn_weight ... bn_num_batches_tracked, has_bn) of a
+    BatchNorm2d, or of none."""
     if bn is None:
-        return {}
+        return _NO_BN
     nbt = tensor(bn, "num_batches_tracked") if bn.track_running_stats else None
-    return dict(bn_weight=tensor(bn, "weight"), bn_bias=tensor(bn, "bias"),
-                bn_running_mean=tensor(bn, "running_mean"),
-                bn_running_var=tensor(bn, "running_var"), bn_num_batches_tracked=nbt,
-                has_bn=True)
+    return (tensor(bn, "weight"), tensor(bn, "bias"), tensor(bn, "running_mean"),
+            tensor(bn, "running_var"), nbt, True)
 
 
 def bn_mode(bn: Optional[nn.BatchNorm2d]):
@@ -64,10 +66,12 @@ def bn_mode(bn: Optional[nn.BatchNorm2d]):
     if bn is None:
         return False, 0.0
     momentum = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        if bn.momentum is None:  # cumulative moving average
-            momentum = 1.0 / float(bn.num_batches_tracked + 1)
-    return bn.training or bn.running_mean is None, momentum
+    training = bn.training
+    if training and bn.track_running_stats:
+        nbt = tensor(bn, "num_batches_tracked")
+        if nbt is not None and bn.momentum is None:  # cumulative moving average
+            momentum = 1.0 / float(nbt + 1)
+    return training or tensor(bn, "running_mean") is None, momentum
 
 
 def official_layout_weights(block: nn.Module, has_spatial: bool, resolve_bn=None):
@@ -77,19 +81,18 @@ def official_layout_weights(block: nn.Module, has_spatial: bool, resolve_bn=None
     there (a wrapped source block's may be absent or unsupported)."""
     mlp = child(block, "ChannelGate", "mlp")
     fc1 = child(mlp, "1")
-    fields = dict(fc1_weight=tensor(fc1, "weight"), fc1_bias=tensor(fc1, "bias"))
+    fc2_weight = fc2_bias = None
     if len(mlp) > 2:
         fc2 = child(mlp, "3")
-        fields.update(fc2_weight=tensor(fc2, "weight"), fc2_bias=tensor(fc2, "bias"))
+        fc2_weight, fc2_bias = tensor(fc2, "weight"), tensor(fc2, "bias")
     if not has_spatial:
-        return CBAMWeights(**fields), None
+        return CBAMWeights(tensor(fc1, "weight"), tensor(fc1, "bias"), fc2_weight, fc2_bias), None
     sp = child(block, "SpatialGate", "spatial")
     conv, bn = child(sp, "conv"), getattr(sp, "bn", None)
     if resolve_bn is not None:
         bn = resolve_bn(bn)
-    fields.update(conv_weight=tensor(conv, "weight"), conv_bias=tensor(conv, "bias"),
-                  **bn_weights(bn))
-    return CBAMWeights(**fields), bn
+    return CBAMWeights(tensor(fc1, "weight"), tensor(fc1, "bias"), fc2_weight, fc2_bias,
+                       tensor(conv, "weight"), tensor(conv, "bias"), *bn_fields(bn)), bn
 
 
 class FusedCBAMBase(nn.Module):

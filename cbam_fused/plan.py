@@ -143,6 +143,14 @@ class BlockPlan:
     wg_rows1: int
     wg_rows2: int
 
+    def __post_init__(self):
+        # hashed once: the per-plan caches below (functools.lru_cache on methods) hash it
+        # on every call
+        object.__setattr__(self, "_hash", hash(dataclasses.astuple(self)))
+
+    def __hash__(self):
+        return self._hash
+
     @property
     def P(self):
         return self.H * self.W
@@ -167,6 +175,12 @@ class BlockPlan:
 
     def saved_i32_layout(self):
         return self._saved[1]
+
+    @functools.cached_property
+    def launch_handles(self):
+        """The fast launch path's compiled kernels of this plan's calls, by call key
+        (launch.py; filled by function.py)."""
+        return {}
 
     @functools.cached_property
     def sizes(self):
@@ -196,6 +210,11 @@ class BlockPlan:
                 ("bsums", N * 2), ("cgrad", N * (spatial_maps * spatial_kernel_size ** 2 + 1)),
                 ("gc2", N * C), ("dlog", N * C), ("dh", N * 2 * self.hidden * int(self.two_layers)),
                 ("davg", N * C), ("dmx", N * C))
+
+
+    @functools.lru_cache(maxsize=None)
+    def bwd_scratch_size(self, spatial_kernel_size, spatial_maps):
+        return layout_size(self.bwd_scratch_layout(spatial_kernel_size, spatial_maps))
 
 
 def saved_layouts(N, C, P, hidden, two_layers, spatial):

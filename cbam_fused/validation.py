@@ -5,9 +5,11 @@ Each error names the problem: what was expected and what was given.
 import torch
 
 from .plan import MAX_HIDDEN
-from .spec import CBAMSpec, CBAMWeights
+from .spec import NUM_TENSOR_FIELDS, CBAMSpec, CBAMWeights
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FIELDS = CBAMWeights._fields[:NUM_TENSOR_FIELDS]
+_BN_FIELDS = ("bn_weight", "bn_bias", "bn_running_mean", "bn_running_var")
 
 
 def _shape(t):
@@ -23,16 +25,19 @@ def check_inputs(x, spec: CBAMSpec, w: CBAMWeights, bn_training: bool, channels=
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"CBAM supports float16, bfloat16, float32 and float64 inputs, "
                         f"got {x.dtype}")
-    if x.device.type not in ("cuda", "cpu"):
-        raise ValueError(f"CBAM runs on CUDA or CPU tensors, got device {x.device}")
+    device = x.device
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"CBAM runs on CUDA or CPU tensors, got device {device}")
     N, C, H, W = x.shape
     if channels is not None and C != channels:
         raise ValueError(f"CBAM built for {channels} channels got an input with {C} channels "
                          f"(shape {_shape(x)})")
-    for name, t in w.tensors():
-        if t.device != x.device:
+    for name, t in zip(_FIELDS, w):
+        if t is None:
+            continue
+        if t.device != device:
             raise ValueError(f"CBAM parameter {name} is on {t.device} but the input is on "
-                             f"{x.device}; move the module to the input's device")
+                             f"{device}; move the module to the input's device")
         if not t.is_floating_point() and name != "bn_num_batches_tracked":
             raise TypeError(f"CBAM parameter {name} must be floating point, got {t.dtype}")
     _check_weight_shapes(C, spec, w)
@@ -42,9 +47,11 @@ def check_inputs(x, spec: CBAMSpec, w: CBAMWeights, bn_training: bool, channels=
                          f"use eval mode or a larger batch")
 
 
-def _has_shape(t, shape) -> bool:
-    """t.shape == shape, compared size by size: under torch.compile with dynamic shapes
-    the expected sizes can be symbolic, which tuple membership does not trace."""
+def _has_shape(t, shape, compiling: bool) -> bool:
+    """t.shape == shape. Under torch.compile, size by size: with dynamic shapes the
+    expected sizes can be symbolic, which tuple comparison does not trace."""
+    if not compiling:
+        return t.shape == shape
     if t.dim() != len(shape):
         return False
     for have, want in zip(t.shape, shape):
@@ -53,36 +60,38 @@ def _has_shape(t, shape) -> bool:
     return True
 
 
-def _expect(name, t, shapes):
+def _expect(name, t, *shapes, compiling=False):
     if t is None:
         return
     for shape in shapes:
-        if _has_shape(t, shape):
+        if _has_shape(t, shape, compiling):
             return
     want = " or ".join(str(s) for s in shapes)
     raise ValueError(f"CBAM parameter {name} has shape {_shape(t)}, expected {want}")
 
 
 def _check_weight_shapes(C: int, spec: CBAMSpec, w: CBAMWeights):
-    if w.fc1_weight is None:
+    fc1, fc1_bias, fc2, fc2_bias, conv, conv_bias, *bn = w[:10]
+    compiling = torch.compiler.is_compiling()
+    if fc1 is None:
         raise ValueError("CBAM needs the channel map's first weight (fc1_weight)")
-    lead = w.fc1_weight.shape[0] if w.fc1_weight.dim() > 0 else -1
-    if w.fc2_weight is None:  # one layer C -> C
-        _expect("fc1_weight", w.fc1_weight, [(C, C), (C, C, 1, 1)])
+    lead = fc1.shape[0] if fc1.dim() > 0 else -1
+    if fc2 is None:  # one layer C -> C
+        _expect("fc1_weight", fc1, (C, C), (C, C, 1, 1), compiling=compiling)
     else:
         if lead > MAX_HIDDEN:
             raise ValueError(f"CBAM channel MLP with {lead} hidden units: the fused block "
                              f"supports at most {MAX_HIDDEN}")
-        _expect("fc1_weight", w.fc1_weight, [(lead, C), (lead, C, 1, 1)])
-        _expect("fc2_weight", w.fc2_weight, [(C, lead), (C, lead, 1, 1)])
-        _expect("fc2_bias", w.fc2_bias, [(C,)])
-    _expect("fc1_bias", w.fc1_bias, [(lead,)])
+        _expect("fc1_weight", fc1, (lead, C), (lead, C, 1, 1), compiling=compiling)
+        _expect("fc2_weight", fc2, (C, lead), (C, lead, 1, 1), compiling=compiling)
+        _expect("fc2_bias", fc2_bias, (C,), compiling=compiling)
+    _expect("fc1_bias", fc1_bias, (lead,), compiling=compiling)
     if not spec.has_spatial:
         return
     k = spec.kernel_size
-    if w.conv_weight is None:
+    if conv is None:
         raise ValueError("CBAM with a spatial gate needs the spatial conv weight (conv_weight)")
-    _expect("conv_weight", w.conv_weight, [(1, spec.spatial_maps, k, k)])
-    _expect("conv_bias", w.conv_bias, [(1,)])
-    for name in ("bn_weight", "bn_bias", "bn_running_mean", "bn_running_var"):
-        _expect(name, getattr(w, name), [(1,)])
+    _expect("conv_weight", conv, (1, spec.spatial_maps, k, k), compiling=compiling)
+    _expect("conv_bias", conv_bias, (1,), compiling=compiling)
+    for name, t in zip(_BN_FIELDS, bn):
+        _expect(name, t, (1,), compiling=compiling)
