@@ -103,18 +103,20 @@ def plan_for(x: torch.Tensor, spec: CBAMSpec, w: CBAMWeights, p_contig: bool):
                       sm_count(x.device))
 
 
-def _bound_launches(plan, xd, group, tag, roots, floats=None):
+def _bound_launches(plan, xd, group, tag, roots, fresh, floats=None):
     """The fast launch path of one block call (launch.py): (True, None) when it replayed the
     program bound to this call's plan and key, else (False, run) with `run` the callable
-    its launchers take: a Capture to bind on this call (fast path), or the JIT launch."""
+    its launchers take: a Capture to bind on this call (fast path), or the JIT launch.
+    roots: the tensors the caller passed in (input, weights, saved workspaces); fresh: the
+    ones this call allocated (workspaces, outputs), outside the key (launch.call_key)."""
     if group is not None or not use_fast_launch(xd):
         return False, jit_launch
-    key, ptrs = call_key((tag, xd.get_device()), roots)
+    key, ptrs = call_key((tag, xd.get_device()), roots, fresh)
     program = plan.launch_handles.get(key)
     if program is not None:
         program.replay(ptrs, current_stream(xd), floats() if floats else None)
         return True, None
-    return False, Capture(key, roots, ptrs)
+    return False, Capture(key, (*roots, *fresh), ptrs, len(roots))
 
 
 def _bind(plan, run):
@@ -149,7 +151,7 @@ def fused_forward(xd, p_contig: bool, spec: CBAMSpec, w: CBAMWeights, bn_batch_s
     out = torch.empty_like(xd)
     replayed, run = _bound_launches(
         plan, xd, group, ("fwd", f),
-        (xd, *w[:NUM_TENSOR_FIELDS], saved_acc, saved_i32, scratch_acc, scratch_i32, out),
+        (xd, *w[:NUM_TENSOR_FIELDS]), (saved_acc, saved_i32, scratch_acc, scratch_i32, out),
         lambda: _float_args(spec.bn_eps, momentum))
     if replayed:
         return out, saved_acc, saved_i32
@@ -196,7 +198,7 @@ def fused_backward(g, xd, p_contig: bool, saved_acc, saved_i32, spec: CBAMSpec, 
     grads = L.empty_weight_grads(w)
     replayed, run = _bound_launches(
         plan, xd, group, ("bwd", f, need_dx),
-        (g, xd, *w[:NUM_TENSOR_FIELDS], saved_acc, saved_i32, scratch, dx, *grads.values()))
+        (g, xd, *w[:NUM_TENSOR_FIELDS], saved_acc, saved_i32), (scratch, dx, *grads.values()))
     if replayed:
         return dx, grads
     s = carve(saved_acc, plan.saved_acc_layout())

@@ -73,13 +73,21 @@ def jit_launch(kernel, grid, args, constexprs):
     return kernel[grid](*args, **constexprs)
 
 
-def call_key(tag, roots):
+def call_key(tag, roots, fresh=()):
     """(key, addresses) of one block call: the key is `tag` (direction, flags, device),
     the dtype of every root and every root's address modulo 16; addresses are the roots'
-    data_ptr() (0 for an absent root)."""
+    data_ptr() (0 for an absent root), then those of `fresh`.
+
+    `fresh`: the workspaces and outputs the call has just allocated with torch.empty. Their
+    dtypes follow from the plan and the roots, and the allocators place a new tensor at
+    the start of a block aligned to far more than 16 bytes (CUDA's caching allocator: 512),
+    so they add nothing to the key; Capture.program checks that, once, on the capturing
+    call."""
     ptrs = [0 if t is None else t.data_ptr() for t in roots]
-    dtypes = tuple([None if t is None else t.dtype for t in roots])
-    return (tag, dtypes, tuple([p & 15 for p in ptrs])), ptrs
+    key = (tag, tuple([None if t is None else t.dtype for t in roots]),
+           tuple([p & 15 for p in ptrs]))
+    ptrs += [0 if t is None else t.data_ptr() for t in fresh]
+    return key, ptrs
 
 
 def kernel_params(kernel):
@@ -170,8 +178,10 @@ class Capture:
     """JIT launches of one call that keep what each launch was, for the call key `key`
     and the call's root tensors `roots` (with their addresses `ptrs`)."""
 
-    def __init__(self, key=None, roots=(), ptrs=()):
+    def __init__(self, key=None, roots=(), ptrs=(), num_keyed=None):
         self.key, self.roots, self.ptrs, self.launches = key, roots, ptrs, []
+        # roots past the first num_keyed are fresh allocations (call_key), outside the key
+        self.num_keyed = len(roots) if num_keyed is None else num_keyed
 
     def launch(self, kernel, grid, args, constexprs):
         return kernel[grid](*args, **constexprs)
@@ -185,7 +195,10 @@ class Capture:
 
     def program(self):
         """The Program of the captured launches, or None when an argument points into no
-        root of the call (then later calls capture again: correct, only slower)."""
+        root of the call, or a fresh root is not 16-byte aligned (then later calls capture
+        again: correct, only slower)."""
+        if any(p & 15 for p in self.ptrs[self.num_keyed:]):
+            return None  # a fresh allocation off a 16-byte boundary: never seen, never bound
         launches = []
         for kernel, compiled, grid, args, tail in self.launches:
             params = [p for p in kernel_params(kernel) if not p.is_constexpr]

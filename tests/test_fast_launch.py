@@ -179,9 +179,9 @@ def test_replay_passes_what_a_capturing_call_passes(monkeypatch):
     roots, log = [], []
     real_call_key = call_key
 
-    def recording_call_key(tag, call_roots):
-        roots.append(call_roots)
-        return real_call_key(tag, call_roots)
+    def recording_call_key(tag, call_roots, fresh):
+        roots.append((*call_roots, *fresh))
+        return real_call_key(tag, call_roots, fresh)
 
     class RecordingCapture(Capture):
         def launch(self, kernel, grid, args, constexprs):
@@ -252,6 +252,18 @@ def test_call_key_is_dtypes_and_addresses_modulo_16():
     assert key == ("t", (torch.float32, torch.float32, None, torch.int32), (0, 4, 0, 0))
     assert ptrs == [base.data_ptr(), base.data_ptr() + 4, 0, base.data_ptr()]
     assert call_key("t", (base[4:],))[0] == call_key("t", (base,))[0]
+    # fresh allocations: addresses after the roots', nothing in the key
+    other = torch.zeros(8, dtype=torch.float64)
+    key2, ptrs2 = call_key("t", (base,), (other, None))
+    assert key2 == call_key("t", (base,))[0]
+    assert ptrs2 == [base.data_ptr(), other.data_ptr(), 0]
+
+
+def test_capture_binds_nothing_when_a_fresh_root_is_misaligned():
+    base = torch.zeros(64, dtype=torch.float32)
+    for fresh, bound in (((base[4:],), True), ((base[1:],), False)):
+        key, ptrs = call_key("t", (base,), fresh)
+        assert (Capture(key, (base, *fresh), ptrs, 1).program() is not None) == bound
 
 
 def test_fast_launch_is_opt_in_and_cuda_only(monkeypatch):
