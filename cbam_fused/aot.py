@@ -40,9 +40,9 @@ ARCHS = (80, 90)
 _TL_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
             torch.float64: "fp64"}
 # Arguments specialized as divisible by 16 (pointers are aligned, plane sizes typical).
-_DIVISIBLE_INTS = {"R", "K", "C", "P", "k_per_split", "c_per_split"}
+_DIVISIBLE_INTS = {"R", "K", "C", "P", "k_per_split", "c_per_split", "p_per_split"}
 # Integer arguments that are never 1 (multiples of a block of at least 32).
-_NEVER_ONE = {"k_per_split", "c_per_split", "CG"}
+_NEVER_ONE = {"k_per_split", "c_per_split", "p_per_split", "CG"}
 
 
 # H100 SM limits, for the theoretical occupancy column.
@@ -170,7 +170,8 @@ def _small_map_configs(acc_dtypes):
                 block_c, block_h = PL.phi_tiles(hidden, two, bs, dtype)
                 fwd.append(dict(BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_S=bs))
                 block_c, block_h = PL.phi_bwd_tiles(hidden, two, min(bs, 8), dtype)
-                tile = dict(BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_PB=min(bs, 8))
+                tile = dict(BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_PB=min(bs, 8),
+                            BLOCK_PS2=min(bs, 8))
                 if tile not in bwd:
                     bwd.append(tile)
             add(_channel_gate_fwd_kernel, dtype, acc,
@@ -218,7 +219,9 @@ def _small_map_configs(acc_dtypes):
         add(_weight_grads_kernel, dtype, acc,
             [dict(f, **conv_on) for f in mlp] + [dict(heavy_mlp, **c) for c in convs[:-1]],
             dict(heavy_mlp, **conv_on),
-            [dict(BLOCK_R=PL.WEIGHT_TILE, BLOCK_K=PL.WEIGHT_TILE, BLOCK_G=PL.CONV_GRAD_BLOCK)])
+            [dict(BLOCK_R=PL.WEIGHT_TILE, BLOCK_K=PL.WEIGHT_TILE,
+                  BLOCK_N=PL.weight_grad_samples(dtype), BLOCK_G=PL.CONV_GRAD_BLOCK,
+                  BLOCK_NR=PL.weight_grad_samples(dtype))])
     return out
 
 

@@ -216,7 +216,7 @@ def fused_backward(g, xd, p_contig: bool, saved_acc, saved_i32, spec: CBAMSpec, 
         L.spatial_gate_bwd(plan, f, w, s, t, sums, num_parts, run=run)
         dsmean, dsmax, smax, sidx, scnt = t["dsmean"], t["dsmax"], s["smax"], s["sidx"], s["scnt"]
         L.bwd_spatial_pool(xd, s["ca"], dsmean, dsmax, smax, sidx, scnt, p_contig, spec.amax,
-                           out=t["gc2"], plan=plan, run=run)
+                           out=t["gc2_part"], plan=plan, run=run)
     L.channel_gate_bwd(plan, f, w, s, t, run=run)
     L.weight_grads(plan, f, w, s, t, grads=grads, run=run)
     if need_dx:

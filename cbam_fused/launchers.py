@@ -28,7 +28,7 @@ from .kernels.weight_grads import _weight_grads_kernel
 from .launch import jit_launch
 from .plan import (CONV_GRAD_BLOCK, NUM_WARPS, SMALL_MAXNREG, SMALL_NUM_WARPS,
                    WEIGHT_TILE, Reduction, acc_dtype, cdiv, channel_split, conv_tiles,
-                   cp_blocks, reduction_plan, sm_count)
+                   cp_blocks, position_split, reduction_plan, sm_count, weight_grad_samples)
 
 # launch options of the small-map kernels (plan.py)
 SMALL_OPTIONS = dict(num_warps=SMALL_NUM_WARPS, maxnreg=SMALL_MAXNREG)
@@ -274,18 +274,26 @@ def bwd_gate_sums(g, x, ca, sa, p_contig: bool, splits=None, gs_part=None, gc_pa
 
 
 def bwd_spatial_pool(x, ca, dsmean, dsmax, smax, sidx, scnt, p_contig: bool, amax: bool, out=None,
-                     plan=None, run=jit_launch):
-    """B2: Gc2[n, c] = sum_p x * (dsmean/C + dsmax * e_k), the part of dL/dca through the
-    spatial pools. `plan`: the block's plan, whose tiles are used (else computed here)."""
+                     plan=None, splits=None, run=jit_launch):
+    """B2: partial rows [N, PS, C] over PS position splits of Gc2[n, c] = sum_p x *
+    (dsmean/C + dsmax * e_k), the part of dL/dca through the spatial pools (into `out`
+    when given). `plan`: the block's plan, whose tiles and splits are used (else computed
+    here, with `splits` if given)."""
     N, C, H, W = x.shape
     P = H * W
     block_c, block_p, ncb, _ = big_pass_tiles(x, p_contig, plan)
-    gc2 = torch.empty(N, C, device=x.device, dtype=acc_dtype(x.dtype)) if out is None else out
-    run(_bwd_spatial_pool_kernel, (N * ncb,),
-        (x, ca, dsmean, dsmax, smax, sidx, scnt, gc2, C, P, ncb),
+    if plan is not None:
+        splits, p_per_split = plan.b2_splits, plan.b2_p_per_split
+    else:
+        splits, p_per_split = position_split(N, C, P, p_contig, x.dtype, sm_count(x.device),
+                                             splits)
+    if out is None:
+        out = torch.empty(N, splits, C, device=x.device, dtype=acc_dtype(x.dtype))
+    run(_bwd_spatial_pool_kernel, (N * ncb * splits,),
+        (x, ca, dsmean, dsmax, smax, sidx, scnt, out, C, P, p_per_split, ncb, splits),
         dict(AMAX=amax, P_CONTIG=p_contig, ACC_DTYPE=_tl_acc(x.dtype),
              BLOCK_C=block_c, BLOCK_P=block_p, num_warps=NUM_WARPS))
-    return gc2
+    return out
 
 
 def bwd_input(g, x, ca, sa, dsmean, dsmax, smax, sidx, scnt, davg, dmx, mx, cidx, ccnt,
@@ -335,14 +343,15 @@ def spatial_gate_bwd(plan, f: Flags, w, saved, bufs, sums, num_parts: int, run=j
 
 
 def channel_gate_bwd(plan, f: Flags, w, saved, bufs, run=jit_launch):
-    """dlogits, dh, davg, dmx per sample, from B1's Gc1 partials and B2's Gc2."""
+    """dlogits, dh, davg, dmx per sample, from B1's Gc1 and B2's Gc2 partial rows."""
     run(_channel_gate_bwd_kernel, (plan.N,),
-        (bufs["gc_part"], bufs["gc2"], saved["ca"], saved["h"], w.fc1_weight,
+        (bufs["gc_part"], bufs["gc2_part"], saved["ca"], saved["h"], w.fc1_weight,
          _or(w.fc2_weight, w.fc1_weight), bufs["dlog"], bufs["dh"], bufs["davg"], bufs["dmx"],
-         plan.C, plan.hidden, plan.p_blocks),
+         plan.C, plan.hidden, plan.p_blocks, plan.b2_splits),
         dict(POOL=f.pool, TWO_LAYERS=f.two_layers, HAS_GC2=f.spatial,
              ACC_DTYPE=_tl_acc(plan.dtype), BLOCK_C=plan.phi_bwd_block_c,
-             BLOCK_H=plan.phi_block_h, BLOCK_PB=plan.bwd_block_pb, **SMALL_OPTIONS))
+             BLOCK_H=plan.phi_block_h, BLOCK_PB=plan.bwd_block_pb,
+             BLOCK_PS2=plan.bwd_block_ps2, **SMALL_OPTIONS))
 
 
 GRAD_FIELDS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "conv_weight", "conv_bias",
@@ -368,13 +377,14 @@ def weight_grads(plan, f: Flags, w, saved, bufs, grads=None, run=jit_launch):
         (saved["avg"], saved["cmax"], saved["h"], bufs["dh"], bufs["dlog"],
          bufs["cgrad"] if f.spatial else dummy, bufs["bsums"] if f.bn_mode else dummy,
          *[grads.get(name, dummy) for name in GRAD_FIELDS],
-         plan.N, plan.C, plan.hidden, cg, plan.wg_tiles1, plan.wg_tiles2, plan.wg_rows1,
-         plan.wg_rows2),
+         plan.N, plan.C, plan.hidden, cg, plan.N, plan.wg_tiles1, plan.wg_tiles2,
+         plan.wg_rows1, plan.wg_rows2),
         dict(POOL=f.pool, TWO_LAYERS=f.two_layers, HAS_B1=f.has_b1, HAS_B2=f.has_b2,
              HAS_CONV=f.spatial, HAS_CONV_BIAS=f.has_conv_bias,
              HAS_BN_W=f.has_bn_w and f.bn_mode > 0, HAS_BN_B=f.has_bn_b and f.bn_mode > 0,
              ACC_DTYPE=_tl_acc(plan.dtype), BLOCK_R=WEIGHT_TILE, BLOCK_K=WEIGHT_TILE,
-             BLOCK_G=CONV_GRAD_BLOCK, **SMALL_OPTIONS))
+             BLOCK_N=weight_grad_samples(plan.dtype), BLOCK_G=CONV_GRAD_BLOCK,
+             BLOCK_NR=weight_grad_samples(plan.dtype), **SMALL_OPTIONS))
     return grads
 
 

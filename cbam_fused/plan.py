@@ -26,8 +26,9 @@ SMALL_MAXNREG = 128
 MAX_SPLITS = 64       # partial rows merged by one tile of the small-map kernels
 SMALL_TILE = 4096     # elements of one tile in the small-map kernels (half for fp64)
 MAX_HIDDEN = 1024     # hidden units of the channel MLP that one program holds
-WEIGHT_TILE = 32      # rows and columns of a weight-gradient tile
-CONV_GRAD_BLOCK = 64  # conv-gradient entries summed at once
+WEIGHT_TILE = 16      # rows and columns of a weight-gradient tile
+WEIGHT_GRAD_SAMPLES = 32  # samples summed per step of a weight-gradient tile (half for fp64)
+CONV_GRAD_BLOCK = 128  # conv-gradient entries summed at once (7x7, two maps, bias: 99)
 
 INTERPRETER_SM_COUNT = int(os.environ.get("CBAM_FUSED_SM_COUNT", "1"))
 
@@ -76,6 +77,18 @@ def channel_split(N: int, C: int, P: int, p_contig: bool, dtype, sms: int, split
     splits = max(1, min(splits, c_blocks))
     c_per_split = cdiv(c_blocks, splits) * block_c
     return cdiv(C, c_per_split), c_per_split
+
+
+def position_split(N: int, C: int, P: int, p_contig: bool, dtype, sms: int, splits=None):
+    """(splits, positions per split) of B2's position axis: about two programs per SM, or
+    the requested number of splits, in whole position blocks."""
+    block_c, block_p = cp_blocks(C, P, p_contig, dtype)
+    p_blocks = cdiv(P, block_p)
+    if splits is None:
+        splits = splits_for(N * cdiv(C, block_c), p_blocks, sms)
+    splits = max(1, min(splits, p_blocks, MAX_SPLITS))
+    p_per_split = cdiv(p_blocks, splits) * block_p
+    return cdiv(P, p_per_split), p_per_split
 
 
 def splits_for(base_programs: int, blocks: int, sms: int) -> int:
@@ -132,12 +145,15 @@ class BlockPlan:
     p_blocks: int
     b1_splits: int       # B1: channel splits (rows of Gs partials)
     b1_c_per_split: int
+    b2_splits: int       # B2: position splits (rows of Gc2 partials)
+    b2_p_per_split: int
     phi_block_c: int
     phi_block_h: int
     phi_bwd_block_c: int
     psi_block_p: int
     bwd_block_pb: int    # B1 position-block partials merged at once
     bwd_block_cs: int    # B1 channel-split partials merged at once
+    bwd_block_ps2: int   # B2 position-split partials merged at once
     wg_tiles1: int       # weight-gradient tiles of W1, W2, and their row-block counts
     wg_tiles2: int
     wg_rows1: int
@@ -208,7 +224,7 @@ class BlockPlan:
         return (("gs_part", N * self.b1_splits * P), ("gc_part", N * self.p_blocks * C),
                 ("ds", N * P), ("du", N * P), ("dsmean", N * P), ("dsmax", N * P),
                 ("bsums", N * 2), ("cgrad", N * (spatial_maps * spatial_kernel_size ** 2 + 1)),
-                ("gc2", N * C), ("dlog", N * C), ("dh", N * 2 * self.hidden * int(self.two_layers)),
+                ("gc2_part", N * self.b2_splits * C), ("dlog", N * C), ("dh", N * 2 * self.hidden * int(self.two_layers)),
                 ("davg", N * C), ("dmx", N * C))
 
 
@@ -243,6 +259,11 @@ MERGE_BLOCKS = (1, 8, 64)
 def merge_block(count: int) -> int:
     """The smallest of MERGE_BLOCKS that holds `count` partial rows (the last one loops)."""
     return next((b for b in MERGE_BLOCKS if count <= b), MERGE_BLOCKS[-1])
+
+
+def weight_grad_samples(dtype) -> int:
+    """Samples (rows) summed per step by the weight-gradient kernel."""
+    return WEIGHT_GRAD_SAMPLES // 2 if dtype == torch.float64 else WEIGHT_GRAD_SAMPLES
 
 
 def small_tile(dtype) -> int:
@@ -287,6 +308,7 @@ def block_plan(N: int, C: int, H: int, W: int, hidden: int, two_layers: bool, sp
     block_c, block_p = cp_blocks(C, P, p_contig, dtype)
     c_blocks, p_blocks = cdiv(C, block_c), cdiv(P, block_p)
     b1_splits, b1_c_per_split = channel_split(N, C, P, p_contig, dtype, sms)
+    b2_splits, b2_p_per_split = position_split(N, C, P, p_contig, dtype, sms)
 
     if two_layers and hidden > MAX_HIDDEN:
         raise ValueError(f"cbam_fused: the channel MLP's hidden size is at most {MAX_HIDDEN}, "
@@ -301,8 +323,9 @@ def block_plan(N: int, C: int, H: int, W: int, hidden: int, two_layers: bool, sp
     tiles1 = rows1 * cdiv(C, WEIGHT_TILE)
     tiles2 = rows2 * cdiv(hidden, WEIGHT_TILE) if two_layers else 0
     return BlockPlan(N, C, H, W, hidden, two_layers, spatial, p_contig, dtype, f1, f2, block_c, block_p,
-                     c_blocks, p_blocks, b1_splits, b1_c_per_split, phi_block_c, phi_block_h,
-                     phi_bwd_block_c, psi_block, bwd_block_pb, bwd_block_cs, tiles1, tiles2,
+                     c_blocks, p_blocks, b1_splits, b1_c_per_split, b2_splits, b2_p_per_split,
+                     phi_block_c, phi_block_h, phi_bwd_block_c, psi_block, bwd_block_pb,
+                     bwd_block_cs, min(8, merge_block(b2_splits)), tiles1, tiles2,
                      rows1, rows2)
 
 

@@ -6,7 +6,8 @@ avg/mx the channel pools of x over p (argmax j[c]).
 
     B1  read g, x:  Gs[p]  = sum_c g*x*ca            (= dL/dsa)
                     Gc1[c] = sum_p g*x*sa            (direct part of dL/dca)
-    B2  read x:     Gc2[c] = sum_p x*(dsmean[p]/C + dsmax[p]*e_k[c, p])
+    B2  read x:     Gc2[c] = sum_p x*(dsmean[p]/C + dsmax[p]*e_k[c, p])   (partial rows over
+                    splits of the positions, merged by the channel map's backward)
     B3  read g, write dx:
         dx = (g*sa + dsmean/C + dsmax*e_k)*ca + davg/P + dmx*e_j
 
@@ -83,8 +84,10 @@ def _bwd_spatial_pool_kernel(
     smax_ptr,     # [N, P] ACC_DTYPE  spatial max of y (AMAX)
     sidx_ptr,     # [N, P] int32      first channel reaching it
     scnt_ptr,     # [N, P] int32      number of channels reaching it (AMAX)
-    gc2_ptr,      # [N, C] ACC_DTYPE  output
-    C, P, num_c_blocks,
+    gc2_part_ptr,  # [N, PS, C] ACC_DTYPE  output: partial sums of Gc2 over PS position splits
+    C, P,
+    p_per_split,  # positions per split, a multiple of BLOCK_P
+    num_c_blocks, num_p_splits,
     AMAX: tl.constexpr,
     P_CONTIG: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
@@ -93,11 +96,14 @@ def _bwd_spatial_pool_kernel(
 ):
     """Gc2[c] = sum_p x[c, p] * (dsmean[p] / C + dsmax[p] * e_k[c, p])
 
-    The part of dL/dca that flows through the spatial pools of y = x * ca.
+    The part of dL/dca that flows through the spatial pools of y = x * ca. One program
+    sums the positions of one split for a block of channels; the channel map's backward
+    (channel_gate.py) adds the PS partial rows in a fixed order (no atomics).
     """
     pid = tl.program_id(0)
     cb = pid % num_c_blocks
-    n = pid // num_c_blocks
+    ps = (pid // num_c_blocks) % num_p_splits
+    n = pid // (num_c_blocks * num_p_splits)
     offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     base = n.to(tl.int64) * C * P
@@ -106,9 +112,11 @@ def _bwd_spatial_pool_kernel(
     if AMAX:
         ca = tl.load(ca_ptr + n.to(tl.int64) * C + offs_c, mask=mask_c, other=0.0)
     acc = tl.zeros([BLOCK_C, BLOCK_P], ACC_DTYPE)
-    for p0 in range(0, P, BLOCK_P):
+    p_start = ps * p_per_split
+    p_end = tl.minimum(p_start + p_per_split, P)
+    for p0 in range(p_start, p_end, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < P
+        mask_p = offs_p < p_end
         mask = mask_c[:, None] & mask_p[None, :]
         x = tl.load(x_ptr + base + _plane_offsets(offs_c, offs_p, C, P, P_CONTIG),
                     mask=mask, other=0.0).to(ACC_DTYPE)
@@ -123,7 +131,8 @@ def _bwd_spatial_pool_kernel(
             sidx = tl.load(sidx_ptr + row + offs_p, mask=mask_p, other=-1)
             ek = tl.where(offs_c[:, None] == sidx[None, :], 1.0, 0.0)
         acc += tl.where(mask, x * (dsm[None, :] * inv_c + dsx[None, :] * ek), 0.0)
-    tl.store(gc2_ptr + n.to(tl.int64) * C + offs_c, tl.sum(acc, 1), mask=mask_c)
+    out = (n.to(tl.int64) * num_p_splits + ps) * C + offs_c
+    tl.store(gc2_part_ptr + out, tl.sum(acc, 1), mask=mask_c)
 
 
 @triton.jit

@@ -9,7 +9,7 @@ Per sample n, with the pooled channel statistics avg[c], mx[c] of x:
     one layer:   o = W1 v_a + b1                                        W1 [C, C] (ultralytics)
     ca = sigmoid(o)
 
-Backward, from Gc = dL/dca (the sum of B1's partial rows and B2's Gc2):
+Backward, from Gc = dL/dca (the sums of B1's and B2's partial rows):
     dlogits = Gc * ca * (1 - ca)
     TWO_LAYERS:  dh_b = (W2^T dlogits) * [h_b > 0],   dv_b = W1^T dh_b
     one layer:   dv_a = W1^T dlogits
@@ -140,7 +140,7 @@ def _channel_gate_fwd_kernel(
 @triton.jit
 def _channel_gate_bwd_kernel(
     gc_part_ptr,   # [N, PB, C] ACC_DTYPE  B1's partial rows of Gc1 over PB position blocks
-    gc2_ptr,       # [N, C] ACC_DTYPE      B2's Gc2 (HAS_GC2)
+    gc2_part_ptr,  # [N, PS2, C] ACC_DTYPE B2's partial rows of Gc2 over PS2 position splits (HAS_GC2)
     ca_ptr,        # [N, C] ACC_DTYPE
     h_ptr,         # [N, 2, HID] ACC_DTYPE (TWO_LAYERS)
     w1_ptr,        # [HID, C] or [C, C]
@@ -149,14 +149,15 @@ def _channel_gate_bwd_kernel(
     dh_ptr,        # [N, 2, HID] ACC_DTYPE out: dL/dh (TWO_LAYERS)
     davg_ptr,      # [N, C] ACC_DTYPE out
     dmx_ptr,       # [N, C] ACC_DTYPE out
-    C, HID, PB,
+    C, HID, PB, PS2,
     POOL: tl.constexpr,
     TWO_LAYERS: tl.constexpr,
     HAS_GC2: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_H: tl.constexpr,
-    BLOCK_PB: tl.constexpr,
+    BLOCK_PB: tl.constexpr,    # B1 partial rows merged at once
+    BLOCK_PS2: tl.constexpr,   # B2 partial rows merged at once
 ):
     """dlogits, dh, davg, dmx of one sample; see the module docstring."""
     n = tl.program_id(0)
@@ -169,7 +170,8 @@ def _channel_gate_bwd_kernel(
         mask_c = offs_c < C
         gc = _sum_partial_rows(gc_part_ptr, n, PB, C, offs_c, mask_c, ACC_DTYPE, BLOCK_PB)
         if HAS_GC2:
-            gc = gc + tl.load(gc2_ptr + row + offs_c, mask=mask_c, other=0.0)
+            gc = gc + _sum_partial_rows(gc2_part_ptr, n, PS2, C, offs_c, mask_c, ACC_DTYPE,
+                                        BLOCK_PS2)
         ca = tl.load(ca_ptr + row + offs_c, mask=mask_c, other=0.0)
         dlog = gc * (ca * (1 - ca))
         tl.store(dlog_ptr + row + offs_c, dlog, mask=mask_c)

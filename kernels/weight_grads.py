@@ -13,7 +13,8 @@ parameter's own dtype and layout:
 
 b runs over the MLP branches (avg and max for POOL 0, one branch otherwise). Programs
 [0, T1) own tiles of dW1, [T1, T1 + T2) tiles of dW2, and the last one the conv and
-BatchNorm gradients.
+BatchNorm gradients. Each program reads BLOCK_N samples' rows per step, so a step is one
+memory round trip for all of them (a loop over single samples waits on N trips in series).
 """
 import triton
 import triton.language as tl
@@ -22,15 +23,31 @@ from .channel_gate import _mlp_inputs, _relu
 
 
 @triton.jit
+def _sample_rows(ptr, n0, N, stride, offs, mask, BLOCK_N: tl.constexpr):
+    """[BLOCK_N, len(offs)] rows n0 .. n0 + BLOCK_N of a [N, stride] array at columns offs
+    (zero outside)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    m = (offs_n < N)[:, None] & mask[None, :]
+    return tl.load(ptr + offs_n[:, None].to(tl.int64) * stride + offs[None, :], mask=m, other=0.0)
+
+
+@triton.jit
+def _outer_sum(d, v):
+    """sum_n d[n, :, None] * v[n, None, :] -> [R, K]: one chunk of samples of a weight
+    gradient tile, summed in the compiled reduction's fixed order."""
+    return tl.sum(d[:, :, None] * v[:, None, :], 0)
+
+
+@triton.jit
 def _weight_grads_kernel(
     avg_ptr, mx_ptr,   # [N, C] ACC_DTYPE pooled channel statistics (the MLP inputs)
     h_ptr, dh_ptr,     # [N, 2, HID] ACC_DTYPE hidden pre-activations and their gradients
     dlog_ptr,          # [N, C] ACC_DTYPE dL/dlogits
-    cgrad_ptr,         # [N, CG] ACC_DTYPE per-sample conv gradients (weights, then bias)
-    bsums_ptr,         # [N, 2] ACC_DTYPE per-sample (sum ds, sum ds*uhat)
+    cgrad_ptr,         # [NR, CG] ACC_DTYPE conv gradient rows (weights, then bias)
+    bsums_ptr,         # [NR, 2] ACC_DTYPE BatchNorm-backward rows (sum ds, sum ds*uhat)
     dw1_ptr, db1_ptr, dw2_ptr, db2_ptr,        # outputs, in each parameter's dtype
     dcw_ptr, dcb_ptr, dbnw_ptr, dbnb_ptr,
-    N, C, HID, CG, T1, T2, NJB1, NJB2,
+    N, C, HID, CG, NR, T1, T2, NJB1, NJB2,
     POOL: tl.constexpr,
     TWO_LAYERS: tl.constexpr,
     HAS_B1: tl.constexpr,
@@ -42,7 +59,9 @@ def _weight_grads_kernel(
     ACC_DTYPE: tl.constexpr,
     BLOCK_R: tl.constexpr,   # rows of a weight tile
     BLOCK_K: tl.constexpr,   # columns of a weight tile
+    BLOCK_N: tl.constexpr,   # samples summed per step (one round trip for all of them)
     BLOCK_G: tl.constexpr,   # entries of the conv gradient handled at once
+    BLOCK_NR: tl.constexpr,  # conv / BatchNorm rows summed per step
 ):
     pid = tl.program_id(0)
     if pid < T1:
@@ -59,24 +78,22 @@ def _weight_grads_kernel(
         mask_k = offs_k < C
         acc = tl.zeros([BLOCK_R, BLOCK_K], ACC_DTYPE)
         bacc = tl.zeros([BLOCK_R], ACC_DTYPE)
-        for n in range(0, N):
-            crow = tl.cast(n, tl.int64) * C
-            avg = tl.load(avg_ptr + crow + offs_k, mask=mask_k, other=0.0)
-            mx = tl.load(mx_ptr + crow + offs_k, mask=mask_k, other=0.0)
+        for n0 in range(0, N, BLOCK_N):
+            avg = _sample_rows(avg_ptr, n0, N, C, offs_k, mask_k, BLOCK_N)
+            mx = _sample_rows(mx_ptr, n0, N, C, offs_k, mask_k, BLOCK_N)
             v_a, v_m = _mlp_inputs(avg, mx, POOL)
             if TWO_LAYERS:
-                hrow = tl.cast(n, tl.int64) * 2 * HID
-                d_a = tl.load(dh_ptr + hrow + offs_r, mask=mask_r, other=0.0)
-                acc += d_a[:, None] * v_a[None, :]
-                bacc += d_a
+                d_a = _sample_rows(dh_ptr, n0, N, 2 * HID, offs_r, mask_r, BLOCK_N)
+                acc += _outer_sum(d_a, v_a)
+                bacc += tl.sum(d_a, 0)
                 if POOL == 0:
-                    d_m = tl.load(dh_ptr + hrow + HID + offs_r, mask=mask_r, other=0.0)
-                    acc += d_m[:, None] * v_m[None, :]
-                    bacc += d_m
+                    d_m = _sample_rows(dh_ptr + HID, n0, N, 2 * HID, offs_r, mask_r, BLOCK_N)
+                    acc += _outer_sum(d_m, v_m)
+                    bacc += tl.sum(d_m, 0)
             else:
-                d = tl.load(dlog_ptr + crow + offs_r, mask=mask_r, other=0.0)
-                acc += d[:, None] * v_a[None, :]
-                bacc += d
+                d = _sample_rows(dlog_ptr, n0, N, C, offs_r, mask_r, BLOCK_N)
+                acc += _outer_sum(d, v_a)
+                bacc += tl.sum(d, 0)
         tl.store(dw1_ptr + offs_r[:, None].to(tl.int64) * C + offs_k[None, :],
                  acc.to(dw1_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_k[None, :])
         if HAS_B1:
@@ -93,16 +110,15 @@ def _weight_grads_kernel(
         mask_k = offs_k < HID
         acc = tl.zeros([BLOCK_R, BLOCK_K], ACC_DTYPE)
         bacc = tl.zeros([BLOCK_R], ACC_DTYPE)
-        for n in range(0, N):
-            d = tl.load(dlog_ptr + tl.cast(n, tl.int64) * C + offs_r, mask=mask_r, other=0.0)
-            hrow = tl.cast(n, tl.int64) * 2 * HID
-            r_a = _relu(tl.load(h_ptr + hrow + offs_k, mask=mask_k, other=0.0))
-            acc += d[:, None] * r_a[None, :]
-            bacc += d
+        for n0 in range(0, N, BLOCK_N):
+            d = _sample_rows(dlog_ptr, n0, N, C, offs_r, mask_r, BLOCK_N)
+            r_a = _relu(_sample_rows(h_ptr, n0, N, 2 * HID, offs_k, mask_k, BLOCK_N))
+            acc += _outer_sum(d, r_a)
+            bacc += tl.sum(d, 0)
             if POOL == 0:
-                r_m = _relu(tl.load(h_ptr + hrow + HID + offs_k, mask=mask_k, other=0.0))
-                acc += d[:, None] * r_m[None, :]
-                bacc += d
+                r_m = _relu(_sample_rows(h_ptr + HID, n0, N, 2 * HID, offs_k, mask_k, BLOCK_N))
+                acc += _outer_sum(d, r_m)
+                bacc += tl.sum(d, 0)
         tl.store(dw2_ptr + offs_r[:, None].to(tl.int64) * HID + offs_k[None, :],
                  acc.to(dw2_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_k[None, :])
         if HAS_B2:
@@ -114,8 +130,8 @@ def _weight_grads_kernel(
                 offs_g = g0 + tl.arange(0, BLOCK_G)
                 mask_g = offs_g < CG
                 acc = tl.zeros([BLOCK_G], ACC_DTYPE)
-                for n in range(0, N):
-                    acc += tl.load(cgrad_ptr + n * CG + offs_g, mask=mask_g, other=0.0)
+                for n0 in range(0, NR, BLOCK_NR):
+                    acc += tl.sum(_sample_rows(cgrad_ptr, n0, NR, CG, offs_g, mask_g, BLOCK_NR), 0)
                 tl.store(dcw_ptr + offs_g, acc.to(dcw_ptr.dtype.element_ty), mask=offs_g < CG - 1)
                 if HAS_CONV_BIAS:
                     tl.store(dcb_ptr + offs_g - (CG - 1), acc.to(dcb_ptr.dtype.element_ty),
@@ -123,8 +139,8 @@ def _weight_grads_kernel(
         if HAS_BN_W or HAS_BN_B:
             offs_s = tl.arange(0, 2)
             acc2 = tl.zeros([2], ACC_DTYPE)
-            for n in range(0, N):
-                acc2 += tl.load(bsums_ptr + n * 2 + offs_s)
+            for n0 in range(0, NR, BLOCK_NR):
+                acc2 += tl.sum(_sample_rows(bsums_ptr, n0, NR, 2, offs_s, offs_s < 2, BLOCK_NR), 0)
             if HAS_BN_B:
                 tl.store(dbnb_ptr + offs_s, acc2.to(dbnb_ptr.dtype.element_ty), mask=offs_s == 0)
             if HAS_BN_W:

@@ -101,8 +101,9 @@ def test_bwd_gate_sums(splits, layout, has_sa, device):
 
 @pytest.mark.parametrize("amax", [False, True])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_bwd_spatial_pool_and_input(amax, layout, device):
-    N, C, H, W = 2, 19, 5, 7
+@pytest.mark.parametrize("splits", [1, 3])
+def test_bwd_spatial_pool_and_input(amax, layout, splits, device):
+    N, C, H, W = 2, 19, 13, 11   # H*W = 143: two position blocks in NCHW, five in channels_last
     P = H * W
     p_contig = layout == "nchw"
     x = torch.randn(N, C, H, W, device=device)
@@ -131,8 +132,10 @@ def test_bwd_spatial_pool_and_input(amax, layout, device):
     (ref_dx,) = torch.autograd.grad(loss, xr)
     gc2_ref = (xr.detach() * (dsmean.double().cpu()[:, None, :] / C + ek_dsmax)).sum(2)
 
-    gc2 = L.bwd_spatial_pool(x, ca, dsmean, dsmax, smax, sidx, scnt, p_contig, amax)
-    assert_close(gc2, gc2_ref, torch.float32, P, "Gc2")
+    gc2 = L.bwd_spatial_pool(x, ca, dsmean, dsmax, smax, sidx, scnt, p_contig, amax,
+                             splits=splits)
+    assert gc2.shape[1] == (1 if splits == 1 else (2 if p_contig else 3))
+    assert_close(gc2.double().sum(1), gc2_ref, torch.float32, P, "Gc2")
     dx = L.bwd_input(g, x, ca, sa, dsmean, dsmax, smax, sidx, scnt, davg, dmx, cmax, cidx, ccnt,
                      p_contig, amax)
     assert dx.is_contiguous(memory_format=torch.contiguous_format if p_contig else torch.channels_last)
