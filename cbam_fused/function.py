@@ -99,7 +99,8 @@ def plan_for(x: torch.Tensor, spec: CBAMSpec, w: CBAMWeights, p_contig: bool):
     N, C, H, W = x.shape
     two_layers = w.fc2_weight is not None
     hidden = w.fc1_weight.shape[0] if two_layers else C
-    return block_plan(N, C, H, W, hidden, two_layers, spec.has_spatial, p_contig, x.dtype,
+    return block_plan(N, C, H, W, hidden, two_layers, spec.has_spatial, spec.kernel_size,
+                      p_contig, x.dtype,
                       sm_count(x.device))
 
 
@@ -175,9 +176,10 @@ def fused_forward(xd, p_contig: bool, spec: CBAMSpec, w: CBAMWeights, bn_batch_s
             L.gate_apply(xd, s["ca"], p_contig, sa=s["sa"], eps=spec.bn_eps, momentum=momentum,
                          out=out, plan=plan, run=run)
         else:
-            mom, num_parts = t["mom"], N
+            mom, num_parts = t["mom"], plan.psi_programs
             if group is not None:
-                mom, num_parts = gather_rows(L.bn_partials_reduce(mom, N, moments=True), group)
+                mom, num_parts = gather_rows(L.bn_partials_reduce(mom, num_parts, moments=True),
+                                             group)
             L.gate_apply(xd, s["ca"], p_contig, w=w, sa=s["sa"], u=s["u"], mom=mom,
                          num_parts=num_parts, bn_stats=s["bn_stats"], eps=spec.bn_eps,
                          momentum=momentum, track=True, out=out, plan=plan, run=run)
@@ -210,9 +212,10 @@ def fused_backward(g, xd, p_contig: bool, saved_acc, saved_i32, spec: CBAMSpec, 
     dsmean = dsmax = smax = sidx = scnt = None
     if spec.has_spatial:
         L.spatial_gate_bwd_stats(plan, f, s, t, run=run)
-        sums, num_parts = t["bsums"], plan.N
+        sums, num_parts = t["bsums"], plan.psi_programs
         if group is not None and f.bn_mode == 2:
-            sums, num_parts = gather_rows(L.bn_partials_reduce(sums, plan.N, moments=False), group)
+            sums, num_parts = gather_rows(L.bn_partials_reduce(sums, num_parts, moments=False),
+                                          group)
         L.spatial_gate_bwd(plan, f, w, s, t, sums, num_parts, run=run)
         dsmean, dsmax, smax, sidx, scnt = t["dsmean"], t["dsmax"], s["smax"], s["sidx"], s["scnt"]
         L.bwd_spatial_pool(xd, s["ca"], dsmean, dsmax, smax, sidx, scnt, p_contig, spec.amax,

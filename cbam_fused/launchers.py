@@ -26,7 +26,7 @@ from .kernels.spatial_gate import (_bn_partials_reduce_kernel, _spatial_gate_bwd
                                    _spatial_gate_bwd_stats_kernel, _spatial_gate_fwd_kernel)
 from .kernels.weight_grads import _weight_grads_kernel
 from .launch import jit_launch
-from .plan import (CONV_GRAD_BLOCK, NUM_WARPS, SMALL_MAXNREG, SMALL_NUM_WARPS,
+from .plan import (BN_PARTS_BLOCK, CONV_GRAD_BLOCK, NUM_WARPS, SMALL_MAXNREG, SMALL_NUM_WARPS,
                    WEIGHT_TILE, Reduction, acc_dtype, cdiv, channel_split, conv_tiles,
                    cp_blocks, position_split, reduction_plan, sm_count, weight_grad_samples)
 
@@ -173,17 +173,19 @@ def channel_gate_fwd(plan, f: Flags, w, bufs, saved, run=jit_launch):
 
 
 def spatial_gate_fwd(plan, f: Flags, w, bufs, saved, eps: float, run=jit_launch):
-    """psi: combine F2's partials, conv -> u, and sa (or BatchNorm partial moments)."""
+    """psi: combine F2's partials, conv -> u, and sa (or BatchNorm partial moments), one
+    program per (sample, block of plan.psi_rows rows)."""
     acc = saved["u"]
     eps_hi, eps_lo = f64_pair(eps)
     kk_pad, block_q = conv_tiles(f.kernel_size, plan.dtype)
-    run(_spatial_gate_fwd_kernel, (plan.N,),
+    run(_spatial_gate_fwd_kernel, (plan.psi_programs,),
         (bufs["f2_sum"], bufs["f2_max"], bufs["f2_idx"], bufs["f2_cnt"],
          w.conv_weight, _or(w.conv_bias, acc), _or(w.bn_weight, acc), _or(w.bn_bias, acc),
          _or(w.bn_running_mean, acc), _or(w.bn_running_var, acc),
          saved["smean"], saved["smax"], saved["sidx"], saved["scnt"], saved["u"], saved["sa"],
-         bufs["mom"], saved["bn_stats"],
-         plan.C, plan.H, plan.W, plan.f2.splits, eps_hi, eps_lo),
+         bufs["mom"], saved["bn_stats"], bufs["slab"],
+         plan.C, plan.H, plan.W, plan.f2.splits, plan.psi_rows, plan.psi_row_blocks,
+         plan.psi_slab, eps_hi, eps_lo),
         dict(POOL_ORDER=f.pool_order, KSIZE=f.kernel_size, HAS_CONV_BIAS=f.has_conv_bias,
              BN_MODE=f.bn_mode, HAS_BN_W=f.has_bn_w, HAS_BN_B=f.has_bn_b,
              ACC_DTYPE=_tl_acc(plan.dtype), BLOCK_P=plan.psi_block_p, BLOCK_S=plan.f2.block_s,
@@ -237,7 +239,7 @@ def gate_apply(x, ca, p_contig: bool, sa=None, u=None, mom=None, num_parts=0, bn
         (x, ca, _or(sa, dummy), _or(u, dummy), _or(mom, dummy), _or(bnw, dummy), _or(bnb, dummy),
          _or(rm, dummy), _or(rv, dummy), _or(nbt, dummy), _or(bn_stats, dummy), out,
          C, P, ncb, npb, num_parts, eps_hi, eps_lo, mom_hi, mom_lo),
-        dict(SA_MODE=sa_mode, HAS_BN_W=bnw is not None, HAS_BN_B=bnb is not None,
+        dict(SA_MODE=sa_mode, BLOCK_PARTS=BN_PARTS_BLOCK, HAS_BN_W=bnw is not None, HAS_BN_B=bnb is not None,
              TRACK=bool(track and rm is not None), HAS_NBT=bool(track and nbt is not None),
              P_CONTIG=p_contig, ACC_DTYPE=_tl_acc(x.dtype),
              BLOCK_C=block_c, BLOCK_P=block_p, num_warps=NUM_WARPS))
@@ -321,24 +323,25 @@ def bwd_input(g, x, ca, sa, dsmean, dsmax, smax, sidx, scnt, davg, dmx, mx, cidx
 # ---------------------------------------------------------------- small maps, backward
 
 def spatial_gate_bwd_stats(plan, f: Flags, saved, bufs, run=jit_launch):
-    """ds = Gs * sa * (1 - sa) and the per-sample BatchNorm-backward sums."""
-    run(_spatial_gate_bwd_stats_kernel, (plan.N,),
+    """ds = Gs * sa * (1 - sa) and the BatchNorm-backward sums of each program's rows."""
+    run(_spatial_gate_bwd_stats_kernel, (plan.psi_programs,),
         (bufs["gs_part"], saved["sa"], saved["u"], saved["bn_stats"], bufs["ds"], bufs["bsums"],
-         plan.P, plan.b1_splits),
+         plan.H, plan.W, plan.b1_splits, plan.psi_rows, plan.psi_row_blocks),
         dict(BN_MODE=f.bn_mode, ACC_DTYPE=_tl_acc(plan.dtype), BLOCK_P=plan.psi_block_p,
              BLOCK_CS=plan.bwd_block_cs, **SMALL_OPTIONS))
 
 
 def spatial_gate_bwd(plan, f: Flags, w, saved, bufs, sums, num_parts: int, run=jit_launch):
-    """du through BatchNorm, dsmean/dsmax through the conv, per-sample conv gradients."""
+    """dsmean/dsmax through BatchNorm and the conv, and the conv gradient rows of each
+    program's rows."""
     acc = saved["u"]
     kk_pad, block_q = conv_tiles(f.kernel_size, plan.dtype)
-    run(_spatial_gate_bwd_kernel, (plan.N,),
+    run(_spatial_gate_bwd_kernel, (plan.psi_programs,),
         (bufs["ds"], saved["u"], saved["bn_stats"], sums, _or(w.bn_weight, acc), w.conv_weight,
-         saved["smean"], saved["smax"], bufs["du"], bufs["dsmean"], bufs["dsmax"], bufs["cgrad"],
-         plan.H, plan.W, num_parts),
+         saved["smean"], saved["smax"], bufs["dsmean"], bufs["dsmax"], bufs["cgrad"],
+         plan.H, plan.W, plan.psi_rows, plan.psi_row_blocks, num_parts),
         dict(POOL_ORDER=f.pool_order, KSIZE=f.kernel_size, BN_MODE=f.bn_mode,
-             HAS_BN_W=f.has_bn_w, ACC_DTYPE=_tl_acc(plan.dtype), BLOCK_P=plan.psi_block_p,
+             HAS_BN_W=f.has_bn_w, ACC_DTYPE=_tl_acc(plan.dtype), BLOCK_PARTS=BN_PARTS_BLOCK,
              KK_PAD=kk_pad, BLOCK_Q=block_q, **SMALL_OPTIONS))
 
 
@@ -377,7 +380,7 @@ def weight_grads(plan, f: Flags, w, saved, bufs, grads=None, run=jit_launch):
         (saved["avg"], saved["cmax"], saved["h"], bufs["dh"], bufs["dlog"],
          bufs["cgrad"] if f.spatial else dummy, bufs["bsums"] if f.bn_mode else dummy,
          *[grads.get(name, dummy) for name in GRAD_FIELDS],
-         plan.N, plan.C, plan.hidden, cg, plan.N, plan.wg_tiles1, plan.wg_tiles2,
+         plan.N, plan.C, plan.hidden, cg, plan.psi_programs, plan.wg_tiles1, plan.wg_tiles2,
          plan.wg_rows1, plan.wg_rows2),
         dict(POOL=f.pool, TWO_LAYERS=f.two_layers, HAS_B1=f.has_b1, HAS_B2=f.has_b2,
              HAS_CONV=f.spatial, HAS_CONV_BIAS=f.has_conv_bias,

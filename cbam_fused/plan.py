@@ -29,6 +29,7 @@ MAX_HIDDEN = 1024     # hidden units of the channel MLP that one program holds
 WEIGHT_TILE = 16      # rows and columns of a weight-gradient tile
 WEIGHT_GRAD_SAMPLES = 32  # samples summed per step of a weight-gradient tile (half for fp64)
 CONV_GRAD_BLOCK = 128  # conv-gradient entries summed at once (7x7, two maps, bias: 99)
+BN_PARTS_BLOCK = 256  # BatchNorm partial rows combined at once (one row per psi program)
 
 INTERPRETER_SM_COUNT = int(os.environ.get("CBAM_FUSED_SM_COUNT", "1"))
 
@@ -135,6 +136,7 @@ class BlockPlan:
     hidden: int          # MLP hidden units (C for a one-layer channel map)
     two_layers: bool
     spatial: bool        # has a spatial gate
+    kernel_size: int     # of the spatial gate's conv (0 without one)
     p_contig: bool
     dtype: torch.dtype
     f1: Reduction        # channel statistics: R = C, K = H*W
@@ -151,6 +153,8 @@ class BlockPlan:
     phi_block_h: int
     phi_bwd_block_c: int
     psi_block_p: int
+    psi_rows: int        # rows of the map per program of the spatial-map kernels
+    psi_row_blocks: int  # programs per sample of the spatial-map kernels
     bwd_block_pb: int    # B1 position-block partials merged at once
     bwd_block_cs: int    # B1 channel-split partials merged at once
     bwd_block_ps2: int   # B2 position-split partials merged at once
@@ -210,7 +214,17 @@ class BlockPlan:
         N, C, P = self.N, self.C, self.Ps
         return (("f1_sum", N * self.f1.splits * C), ("f1_max", N * self.f1.splits * C),
                 ("f2_sum", N * self.f2.splits * P), ("f2_max", N * self.f2.splits * P),
-                ("mom", N * 3))
+                ("mom", self.psi_programs * 3), ("slab", self.psi_programs * 2 * self.psi_slab))
+
+    @property
+    def psi_programs(self):
+        """Programs of the spatial-map kernels (0 without a spatial gate)."""
+        return self.N * self.psi_row_blocks if self.spatial else 0
+
+    @property
+    def psi_slab(self):
+        """Conv inputs held per spatial-map program: its rows and the conv's halo rows."""
+        return (self.psi_rows + 2 * (self.kernel_size // 2)) * self.W if self.spatial else 0
 
     @functools.lru_cache(maxsize=None)
     def fwd_scratch_i32_layout(self):
@@ -221,9 +235,10 @@ class BlockPlan:
     @functools.lru_cache(maxsize=None)
     def bwd_scratch_layout(self, spatial_kernel_size, spatial_maps):
         N, C, P = self.N, self.C, self.Ps
+        R = self.psi_programs
         return (("gs_part", N * self.b1_splits * P), ("gc_part", N * self.p_blocks * C),
-                ("ds", N * P), ("du", N * P), ("dsmean", N * P), ("dsmax", N * P),
-                ("bsums", N * 2), ("cgrad", N * (spatial_maps * spatial_kernel_size ** 2 + 1)),
+                ("ds", N * P), ("dsmean", N * P), ("dsmax", N * P),
+                ("bsums", R * 2), ("cgrad", R * (spatial_maps * spatial_kernel_size ** 2 + 1)),
                 ("gc2_part", N * self.b2_splits * C), ("dlog", N * C), ("dh", N * 2 * self.hidden * int(self.two_layers)),
                 ("davg", N * C), ("dmx", N * C))
 
@@ -293,6 +308,13 @@ def conv_tiles(kernel_size: int, dtype):
     return kk_pad, max(16, small_tile(dtype) // 2 // kk_pad)  # two gathers live at once
 
 
+def psi_rows(N: int, H: int, sms: int) -> int:
+    """Rows of the map per spatial-map program: samples times row blocks fill about two
+    programs per SM (each program also merges or reads its conv's halo rows)."""
+    blocks = max(1, min(H, (2 * sms) // N))
+    return cdiv(H, blocks)
+
+
 def psi_block_p(block_s: int, dtype) -> int:
     """Positions per tile of the spatial-map kernels."""
     return max(16, min(256, small_tile(dtype) // 2 // block_s))
@@ -300,7 +322,7 @@ def psi_block_p(block_s: int, dtype) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def block_plan(N: int, C: int, H: int, W: int, hidden: int, two_layers: bool, spatial: bool,
-               p_contig: bool, dtype: torch.dtype, sms: int) -> BlockPlan:
+               kernel_size: int, p_contig: bool, dtype: torch.dtype, sms: int) -> BlockPlan:
     """The plan of one block call; see the module docstring."""
     P = H * W
     f1 = reduction_plan(N, C, P, p_contig, dtype, sms)
@@ -322,9 +344,12 @@ def block_plan(N: int, C: int, H: int, W: int, hidden: int, two_layers: bool, sp
     rows2 = cdiv(C, WEIGHT_TILE) if two_layers else 0
     tiles1 = rows1 * cdiv(C, WEIGHT_TILE)
     tiles2 = rows2 * cdiv(hidden, WEIGHT_TILE) if two_layers else 0
-    return BlockPlan(N, C, H, W, hidden, two_layers, spatial, p_contig, dtype, f1, f2, block_c, block_p,
+    rows = psi_rows(N, H, sms)
+    return BlockPlan(N, C, H, W, hidden, two_layers, spatial, kernel_size if spatial else 0,
+                     p_contig, dtype, f1, f2, block_c, block_p,
                      c_blocks, p_blocks, b1_splits, b1_c_per_split, b2_splits, b2_p_per_split,
-                     phi_block_c, phi_block_h, phi_bwd_block_c, psi_block, bwd_block_pb,
+                     phi_block_c, phi_block_h, phi_bwd_block_c, psi_block, rows, cdiv(H, rows),
+                     bwd_block_pb,
                      bwd_block_cs, min(8, merge_block(b2_splits)), tiles1, tiles2,
                      rows1, rows2)
 

@@ -1,7 +1,7 @@
 """Forward pass F3: out = x * ca * sa, the only pass that writes a full tensor.
 
 With the spatial BatchNorm in batch-statistics mode (SA_MODE 2) the gate sa does not
-exist yet when F3 starts: every program combines the per-sample (count, mean, M2) rows
+exist yet when F3 starts: every program combines the (count, mean, M2) rows (one per spatial-map program)
 of spatial_gate.py in the same fixed order (a few hundred numbers, from L2), normalizes
 the conv output u of its positions and takes the sigmoid. The programs of the first
 channel block store sa for the backward; program 0 stores the statistics it used and
@@ -35,6 +35,7 @@ def _gate_apply_kernel(
     ACC_DTYPE: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    BLOCK_PARTS: tl.constexpr,  # BatchNorm rows combined at once (SA_MODE 2)
 ):
     """out[c, p] = (x[c, p] * ca[c]) * sa[p], computed in ACC_DTYPE and rounded once.
 
@@ -69,7 +70,7 @@ def _gate_apply_kernel(
         sa = tl.load(sa_ptr + prow, mask=mask_p, other=0.0)
         y = y * sa[None, :]
     elif SA_MODE == 2:
-        count, mean, var = _combine_moments(mom_ptr, NPARTS, ACC_DTYPE, 64)
+        count, mean, var = _combine_moments(mom_ptr, NPARTS, ACC_DTYPE, BLOCK_PARTS)
         invstd = 1.0 / tl.sqrt(var + _scalar(eps_hi, eps_lo, ACC_DTYPE))
         s = (tl.load(u_ptr + prow, mask=mask_p, other=0.0) - mean) * invstd
         if HAS_BN_W:

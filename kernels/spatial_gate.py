@@ -1,4 +1,5 @@
-"""The spatial map psi, forward and backward, one program per sample (docs/design.md section 8).
+"""The spatial map psi, forward and backward, one program per (sample, block of rows)
+(docs/design.md section 8).
 
 Per sample n, with the spatial statistics of y = x * ca (smean[p] = mean over channels,
 smax[p] = max), and the conv input maps z_m (POOL_ORDER 0: [smax, smean], the official
@@ -10,18 +11,22 @@ order; 1: [smean, smax], timm and ultralytics; 2: [0.5*smean + 0.5*smax], timm L
     sa    = sigmoid(s)
 
 BN_MODE 2 needs statistics of u over all N*H*W before any sa exists: each program writes
-its sample's (count, mean, M2) row and F3 (gate_apply.py) combines the rows in a fixed
+the (count, mean, M2) row of its rows and F3 (gate_apply.py) combines the rows in a fixed
 order. Backward, from ds = dL/ds (= Gs * sa * (1 - sa), Gs from B1):
 
     BN 2: du = (ds - mean(ds) - uhat * mean(ds * uhat)) * invstd * gamma   (means over all)
     BN 1: du = ds * invstd * gamma;     BN 0: du = ds
     dz_m[q] = sum_t w[m, t] du[q - off(t)]      -> dsmean, dsmax
-    dw[m, t] = sum_p du[p] z_m[p + off(t)],  db = sum_p du[p]   (per-sample rows, summed
+    dw[m, t] = sum_p du[p] z_m[p + off(t)],  db = sum_p du[p]   (per-program rows, summed
                                                                 in weight_grads.py)
 
-The maps of one sample are small (H*W values): a program writes a map and, after a
-barrier, reads its neighbours back from L1/L2, every tap of BLOCK_Q positions in one
-[BLOCK_Q, k*k] gather.
+Each program owns ROWS rows of one sample's map (RB row blocks per sample, as many as
+fill the GPU: plan.psi_rows). The conv needs k//2 halo rows on each side: the forward
+merges F2's partials over its rows and the halo into its own slab of scratch and, after
+a barrier, gathers every tap of BLOCK_Q positions in one [BLOCK_Q, k*k] gather from it;
+the backward's du is pointwise in inputs an earlier launch wrote (ds, u), so its gather
+forms du at the taps directly. No program reads what another program of the same launch
+writes.
 """
 import triton
 import triton.language as tl
@@ -57,6 +62,18 @@ def _conv_inputs(smean_ptr, smax_ptr, q, valid, POOL_ORDER: tl.constexpr):
 
 
 @triton.jit
+def _row_block(pid, H, W, ROWS, RB, PAD: tl.constexpr):
+    """(sample, first and end flat positions of the program's own rows, and of those rows
+    with PAD halo rows on each side, clipped to the map) of program pid = n * RB + rb."""
+    n = pid // RB
+    r0 = (pid % RB) * ROWS
+    r1 = tl.minimum(r0 + ROWS, H)
+    e0 = tl.maximum(r0 - PAD, 0)
+    e1 = tl.minimum(r1 + PAD, H)
+    return n, r0 * W, r1 * W, e0 * W, e1 * W
+
+
+@triton.jit
 def _spatial_gate_fwd_kernel(
     psum_ptr, pmax_ptr,   # [N, S, P] ACC_DTYPE  F2 partials over S splits of the channels
     pidx_ptr, pcnt_ptr,   # [N, S, P] int32
@@ -68,9 +85,10 @@ def _spatial_gate_fwd_kernel(
     sidx_ptr, scnt_ptr,   # [N, P] int32 out: first argmax channel, tie count
     u_ptr,                # [N, P] ACC_DTYPE out: conv output
     sa_ptr,               # [N, P] ACC_DTYPE out: spatial gate (BN_MODE 0, 1)
-    mom_ptr,              # [N, 3] ACC_DTYPE out: (count, mean, M2) of u per sample (BN_MODE 2)
+    mom_ptr,              # [N * RB, 3] ACC_DTYPE out: (count, mean, M2) of u per program (BN_MODE 2)
     bn_stats_ptr,         # [3] ACC_DTYPE out: (mean, invstd, count) used (BN_MODE 1; zeros for 0)
-    C, H, W, S, eps_hi, eps_lo,
+    slab_ptr,             # [N * RB, 2, SLAB] ACC_DTYPE scratch: the conv inputs of each program
+    C, H, W, S, ROWS, RB, SLAB, eps_hi, eps_lo,
     POOL_ORDER: tl.constexpr,
     KSIZE: tl.constexpr,
     HAS_CONV_BIAS: tl.constexpr,
@@ -83,43 +101,53 @@ def _spatial_gate_fwd_kernel(
     KK_PAD: tl.constexpr,    # next power of two >= KSIZE * KSIZE
     BLOCK_Q: tl.constexpr,   # positions per step of the conv (BLOCK_Q x KK_PAD gathers)
 ):
-    """Combine F2's partials, then u = conv(z) and, unless BN_MODE 2, sa = sigmoid(BN(u))."""
-    n = tl.program_id(0)
+    """One program per (sample, block of ROWS rows): combine F2's partials over its rows
+    and their halo (KSIZE // 2 rows each side) into its own slab, then u = conv(z) on its
+    rows and, unless BN_MODE 2, sa = sigmoid(BN(u)); with BN_MODE 2 the (count, mean, M2)
+    of its u. The halo is recomputed by each neighbour (from the same partials, so equal),
+    never read from another program's stores."""
+    pid = tl.program_id(0)
+    n, o0, o1, e0, e1 = _row_block(pid, H, W, ROWS, RB, KSIZE // 2)
     P = H * W
     row = n.to(tl.int64) * P
+    slab = slab_ptr + pid.to(tl.int64) * 2 * SLAB - e0   # indexed by flat position
     KK: tl.constexpr = KSIZE * KSIZE
-    for p0 in range(0, P, BLOCK_P):
+    for p0 in range(e0, e1, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < P
+        mask_p = offs_p < e1
         total, m, idx, cnt = _combined_stats(psum_ptr, pmax_ptr, pidx_ptr, pcnt_ptr,
                                              row * S, P, S, offs_p, mask_p, BLOCK_S)
-        tl.store(smean_ptr + row + offs_p, total / tl.cast(C, ACC_DTYPE), mask=mask_p)
-        tl.store(smax_ptr + row + offs_p, m, mask=mask_p)
-        tl.store(sidx_ptr + row + offs_p, idx, mask=mask_p)
-        tl.store(scnt_ptr + row + offs_p, cnt, mask=mask_p)
-    tl.debug_barrier()  # the conv reads neighbours that other threads stored
+        mean = total / tl.cast(C, ACC_DTYPE)
+        tl.store(slab + offs_p, mean, mask=mask_p)
+        tl.store(slab + SLAB + offs_p, m, mask=mask_p)
+        own = mask_p & (offs_p >= o0) & (offs_p < o1)
+        tl.store(smean_ptr + row + offs_p, mean, mask=own)
+        tl.store(smax_ptr + row + offs_p, m, mask=own)
+        tl.store(sidx_ptr + row + offs_p, idx, mask=own)
+        tl.store(scnt_ptr + row + offs_p, cnt, mask=own)
+    tl.debug_barrier()  # the conv reads slab entries that other threads stored
 
     if BN_MODE == 1:
         mean = tl.load(rm_ptr).to(ACC_DTYPE)
         invstd = 1.0 / tl.sqrt(tl.load(rv_ptr).to(ACC_DTYPE) + _scalar(eps_hi, eps_lo, ACC_DTYPE))
-        if n == 0:
+        if pid == 0:
             tl.store(bn_stats_ptr, mean)
             tl.store(bn_stats_ptr + 1, invstd)
             tl.store(bn_stats_ptr + 2, tl.cast(0, ACC_DTYPE))
     elif BN_MODE == 0:
-        if n == 0:  # no BatchNorm: defined zeros (the saved workspace is an op's output)
+        if pid == 0:  # no BatchNorm: defined zeros (the saved workspace is an op's output)
             tl.store(bn_stats_ptr + tl.arange(0, 4), tl.zeros([4], ACC_DTYPE),
                      mask=tl.arange(0, 4) < 3)
     usum = tl.zeros([BLOCK_Q], ACC_DTYPE)
     t = tl.arange(0, KK_PAD)
     w0 = tl.load(convw_ptr + t, mask=t < KK, other=0.0).to(ACC_DTYPE)
     w1 = tl.load(convw_ptr + KK + t, mask=(t < KK) & (POOL_ORDER != 2), other=0.0).to(ACC_DTYPE)
-    for p0 in range(0, P, BLOCK_Q):
+    for p0 in range(o0, o1, BLOCK_Q):
         offs_p = p0 + tl.arange(0, BLOCK_Q)
-        mask_p = offs_p < P
+        mask_p = offs_p < o1
         # every tap of every position in one gather: [BLOCK_Q, KK_PAD]
         q, valid, _ = _taps(offs_p, mask_p, H, W, KSIZE, KK_PAD, 1)
-        z0, z1 = _conv_inputs(smean_ptr + row, smax_ptr + row, q, valid, POOL_ORDER)
+        z0, z1 = _conv_inputs(slab, slab + SLAB, q, valid, POOL_ORDER)
         acc = tl.sum(z0 * w0[None, :], 1)
         if POOL_ORDER != 2:
             acc += tl.sum(z1 * w1[None, :], 1)
@@ -138,19 +166,19 @@ def _spatial_gate_fwd_kernel(
                     s = s + tl.load(bnb_ptr).to(ACC_DTYPE)
             tl.store(sa_ptr + row + offs_p, tl.sigmoid(s), mask=mask_p)
     if BN_MODE == 2:
-        # two passes over this sample's u: mean, then the sum of squared deviations
-        count = tl.cast(P, ACC_DTYPE)
+        # two passes over this program's u: mean, then the sum of squared deviations
+        count = tl.cast(o1 - o0, ACC_DTYPE)
         mean_n = tl.sum(usum, 0) / count
         tl.debug_barrier()
         m2 = tl.zeros([BLOCK_Q], ACC_DTYPE)
-        for p0 in range(0, P, BLOCK_Q):
+        for p0 in range(o0, o1, BLOCK_Q):
             offs_p = p0 + tl.arange(0, BLOCK_Q)
-            mask_p = offs_p < P
+            mask_p = offs_p < o1
             d = tl.load(u_ptr + row + offs_p, mask=mask_p, other=0.0) - mean_n
             m2 += tl.where(mask_p, d * d, 0.0)
-        tl.store(mom_ptr + n * 3, count)
-        tl.store(mom_ptr + n * 3 + 1, mean_n)
-        tl.store(mom_ptr + n * 3 + 2, tl.sum(m2, 0))
+        tl.store(mom_ptr + pid * 3, count)
+        tl.store(mom_ptr + pid * 3 + 1, mean_n)
+        tl.store(mom_ptr + pid * 3 + 2, tl.sum(m2, 0))
 
 
 @triton.jit
@@ -160,24 +188,27 @@ def _spatial_gate_bwd_stats_kernel(
     u_ptr,         # [N, P] ACC_DTYPE (BN_MODE > 0)
     bn_stats_ptr,  # [3] (mean, invstd, count) the forward normalized with (BN_MODE > 0)
     ds_ptr,        # [N, P] ACC_DTYPE out: dL/ds
-    sums_ptr,      # [N, 2] ACC_DTYPE out: (sum ds, sum ds * uhat) of the sample (BN_MODE > 0)
-    P, CS,
+    sums_ptr,      # [N * RB, 2] ACC_DTYPE out: (sum ds, sum ds * uhat) per program (BN_MODE > 0)
+    H, W, CS, ROWS, RB,
     BN_MODE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_CS: tl.constexpr,
 ):
-    """ds = Gs * sa * (1 - sa), and the sample's BatchNorm-backward sums."""
-    n = tl.program_id(0)
+    """ds = Gs * sa * (1 - sa) on one (sample, block of ROWS rows), and its
+    BatchNorm-backward sums."""
+    pid = tl.program_id(0)
+    n, o0, o1, _, _ = _row_block(pid, H, W, ROWS, RB, 0)
+    P = H * W
     row = n.to(tl.int64) * P
     if BN_MODE > 0:
         mean = tl.load(bn_stats_ptr)
         invstd = tl.load(bn_stats_ptr + 1)
     acc_ds = tl.zeros([BLOCK_P], ACC_DTYPE)
     acc_dsu = tl.zeros([BLOCK_P], ACC_DTYPE)
-    for p0 in range(0, P, BLOCK_P):
+    for p0 in range(o0, o1, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < P
+        mask_p = offs_p < o1
         gs = _sum_partial_rows(gs_part_ptr, n, CS, P, offs_p, mask_p, ACC_DTYPE, BLOCK_CS)
         sa = tl.load(sa_ptr + row + offs_p, mask=mask_p, other=0.0)
         ds = gs * (sa * (1 - sa))
@@ -187,8 +218,8 @@ def _spatial_gate_bwd_stats_kernel(
             acc_ds += tl.where(mask_p, ds, 0.0)
             acc_dsu += tl.where(mask_p, ds * uhat, 0.0)
     if BN_MODE > 0:
-        tl.store(sums_ptr + n * 2, tl.sum(acc_ds, 0))
-        tl.store(sums_ptr + n * 2 + 1, tl.sum(acc_dsu, 0))
+        tl.store(sums_ptr + pid * 2, tl.sum(acc_ds, 0))
+        tl.store(sums_ptr + pid * 2 + 1, tl.sum(acc_dsu, 0))
 
 
 @triton.jit
@@ -196,29 +227,37 @@ def _spatial_gate_bwd_kernel(
     ds_ptr,        # [N, P] ACC_DTYPE dL/ds
     u_ptr,         # [N, P] ACC_DTYPE (BN_MODE 2)
     bn_stats_ptr,  # [3] (mean, invstd, count) (BN_MODE > 0)
-    sums_ptr,      # [NPARTS, 2] (sum ds, sum ds*uhat) over every sample (and process) (BN_MODE 2)
+    sums_ptr,      # [NPARTS, 2] (sum ds, sum ds*uhat) rows over every sample (and process) (BN_MODE 2)
     bnw_ptr,       # [1] (HAS_BN_W)
     convw_ptr,     # [1, M, K, K]
     smean_ptr, smax_ptr,   # [N, P] ACC_DTYPE conv input maps (for the weight gradient)
-    du_ptr,        # [N, P] ACC_DTYPE out (scratch): dL/du
     dsmean_ptr, dsmax_ptr, # [N, P] ACC_DTYPE out
-    cgrad_ptr,     # [N, M*K*K + 1] ACC_DTYPE out: this sample's conv weight and bias gradients
-    H, W, NPARTS,
+    cgrad_ptr,     # [N * RB, M*K*K + 1] ACC_DTYPE out: the conv weight and bias gradients of
+                   # each program's rows
+    H, W, ROWS, RB, NPARTS,
     POOL_ORDER: tl.constexpr,
     KSIZE: tl.constexpr,
     BN_MODE: tl.constexpr,
     HAS_BN_W: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    BLOCK_PARTS: tl.constexpr,  # BatchNorm rows summed at once
     KK_PAD: tl.constexpr,    # next power of two >= KSIZE * KSIZE
     BLOCK_Q: tl.constexpr,   # positions per step of the conv (BLOCK_Q x KK_PAD gathers)
 ):
-    """du through BatchNorm, dsmean/dsmax through the conv, per-sample conv gradients."""
-    n = tl.program_id(0)
+    """dsmean/dsmax through the conv and the conv gradient rows of one (sample, block of
+    ROWS rows). du is pointwise in (ds, u), so the transposed conv's gather forms du at
+    the tap positions itself (halo included) and no program reads another's stores."""
+    pid = tl.program_id(0)
+    n, o0, o1, _, _ = _row_block(pid, H, W, ROWS, RB, 0)
     P = H * W
     row = n.to(tl.int64) * P
     KK: tl.constexpr = KSIZE * KSIZE
     M: tl.constexpr = 1 if POOL_ORDER == 2 else 2
+    mean = 0.0   # BatchNorm terms, read below where BN_MODE uses them
+    invstd = 1.0
+    scale = 1.0
+    mean_dy = 0.0
+    mean_dyu = 0.0
     if BN_MODE > 0:
         mean = tl.load(bn_stats_ptr)
         invstd = tl.load(bn_stats_ptr + 1)
@@ -227,37 +266,28 @@ def _spatial_gate_bwd_kernel(
             scale = invstd * tl.load(bnw_ptr).to(ACC_DTYPE)
     if BN_MODE == 2:
         count = tl.load(bn_stats_ptr + 2)
-        total_ds, total_dsu = _sum_pairs(sums_ptr, NPARTS, ACC_DTYPE, 64)
+        total_ds, total_dsu = _sum_pairs(sums_ptr, NPARTS, ACC_DTYPE, BLOCK_PARTS)
         mean_dy = total_ds / count
         mean_dyu = total_dsu / count
-    for p0 in range(0, P, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < P
-        du = tl.load(ds_ptr + row + offs_p, mask=mask_p, other=0.0)
-        if BN_MODE == 2:
-            uhat = (tl.load(u_ptr + row + offs_p, mask=mask_p, other=0.0) - mean) * invstd
-            du = (du - mean_dy - uhat * mean_dyu) * scale
-        elif BN_MODE == 1:
-            du = du * scale
-        tl.store(du_ptr + row + offs_p, du, mask=mask_p)
-    tl.debug_barrier()  # the transposed conv reads neighbours that other threads stored
 
     t = tl.arange(0, KK_PAD)
     w0 = tl.load(convw_ptr + t, mask=t < KK, other=0.0).to(ACC_DTYPE)
     w1 = tl.load(convw_ptr + KK + t, mask=(t < KK) & (M == 2), other=0.0).to(ACC_DTYPE)
     bsum = tl.zeros([BLOCK_Q], ACC_DTYPE)
-    g0 = tl.zeros([KK_PAD], ACC_DTYPE)   # per-tap weight gradient of this sample
+    g0 = tl.zeros([KK_PAD], ACC_DTYPE)   # per-tap weight gradient of this program's rows
     g1 = tl.zeros([KK_PAD], ACC_DTYPE)
-    for p0 in range(0, P, BLOCK_Q):
+    for p0 in range(o0, o1, BLOCK_Q):
         offs_p = p0 + tl.arange(0, BLOCK_Q)
-        mask_p = offs_p < P
+        mask_p = offs_p < o1
         # transposed conv: dz[q] = sum_t w[t] du[q - off(t)], one gather [BLOCK_Q, KK_PAD]
         q, valid, _ = _taps(offs_p, mask_p, H, W, KSIZE, KK_PAD, -1)
-        d = tl.load(du_ptr + row + q, mask=valid, other=0.0)
+        d = _du(ds_ptr + row, u_ptr + row, q, valid, mean, invstd, scale, mean_dy, mean_dyu,
+                BN_MODE)
         dz0 = tl.sum(tl.where(valid, w0[None, :] * d, 0.0), 1)
         dz1 = tl.sum(tl.where(valid, w1[None, :] * d, 0.0), 1)
         # weight gradient: dw[t] += sum_p du[p] z[p + off(t)]
-        du_p = tl.load(du_ptr + row + offs_p, mask=mask_p, other=0.0)
+        du_p = _du(ds_ptr + row, u_ptr + row, offs_p, mask_p, mean, invstd, scale, mean_dy,
+                   mean_dyu, BN_MODE)
         q, valid, _ = _taps(offs_p, mask_p, H, W, KSIZE, KK_PAD, 1)
         z0, z1 = _conv_inputs(smean_ptr + row, smax_ptr + row, q, valid, POOL_ORDER)
         g0 += tl.sum(tl.where(valid, du_p[:, None] * z0, 0.0), 0)
@@ -274,11 +304,25 @@ def _spatial_gate_bwd_kernel(
         tl.store(dsmean_ptr + row + offs_p, dmean, mask=mask_p)
         tl.store(dsmax_ptr + row + offs_p, dmax, mask=mask_p)
 
-    crow = n.to(tl.int64) * (M * KK + 1)
+    crow = pid.to(tl.int64) * (M * KK + 1)
     tl.store(cgrad_ptr + crow + t, g0, mask=t < KK)
     if M == 2:
         tl.store(cgrad_ptr + crow + KK + t, g1, mask=t < KK)
     tl.store(cgrad_ptr + crow + M * KK + t, tl.where(t == 0, tl.sum(bsum, 0), 0.0), mask=t == 0)
+
+
+@triton.jit
+def _du(ds_ptr, u_ptr, q, valid, mean, invstd, scale, mean_dy, mean_dyu, BN_MODE: tl.constexpr):
+    """dL/du at positions q (zero where not valid), through the BatchNorm:
+    BN 2: (ds - mean(ds) - uhat * mean(ds * uhat)) * invstd * gamma; BN 1: ds * invstd *
+    gamma; BN 0: ds."""
+    du = tl.load(ds_ptr + q, mask=valid, other=0.0)
+    if BN_MODE == 2:
+        uhat = (tl.load(u_ptr + q, mask=valid, other=0.0) - mean) * invstd
+        du = tl.where(valid, (du - mean_dy - uhat * mean_dyu) * scale, 0.0)
+    elif BN_MODE == 1:
+        du = du * scale
+    return du
 
 
 @triton.jit

@@ -126,3 +126,31 @@ def test_ties(variant, device):
     x = torch.round(x * 4) / 4            # coarse values: many ties across channels
     m = make_module(variant, shape[1], device)
     check_pair(run_pair(m, x.float().to(device)), torch.float32, shape, f"ties {variant}")
+
+
+
+# (variant, shape, conv kernel size): row blocks of one row (halo wider than a block) and
+# of two rows with a shorter last block (N = 60, H = 7)
+GPU_PLAN_CASES = [("official", (2, 24, 13, 11), 7), ("timm", (1, 40, 9, 20), 7),
+                  ("timm_light", (3, 17, 6, 5), 3), ("official", (60, 4, 7, 3), 7)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", GPU_PLAN_CASES, ids=lambda c: f"{c[0]}-{'x'.join(map(str, c[1]))}-k{c[2]}")
+def test_plan_of_a_large_gpu(case, layout, device, monkeypatch):
+    """The plan an H100/H200 gets (132 SMs): the spatial maps split into row blocks whose
+    conv halos cross block edges, B2 split over positions, one BatchNorm row per
+    spatial-map program."""
+    from cbam_fused import plan as plan_module
+
+    variant, shape, kernel_size = case
+    N, C, H, W = shape
+    monkeypatch.setattr(plan_module, "INTERPRETER_SM_COUNT", 132)
+    rows = plan_module.psi_rows(N, H, 132)
+    assert rows < H                                   # several row blocks per sample
+    assert rows == (2 if N == 60 else 1)
+    b2_splits, _ = plan_module.position_split(N, C, H * W, layout == "nchw", torch.float32, 132)
+    assert b2_splits > 1 or H * W <= 32
+    m = make_module(variant, C, device, kernel_size=kernel_size)
+    x = make_input(shape, torch.float32, layout, device)
+    check_pair(run_pair(m, x), torch.float32, shape, f"132 SMs {variant}/{shape}/{layout}")
