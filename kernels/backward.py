@@ -114,8 +114,8 @@ def _bwd_spatial_pool_kernel(
     acc = tl.zeros([BLOCK_C, BLOCK_P], ACC_DTYPE)
     p_start = ps * p_per_split
     p_end = tl.minimum(p_start + p_per_split, P)
-    for p0 in range(p_start, p_end, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
+    for p0 in range(0, p_end - p_start, BLOCK_P):
+        offs_p = p_start + p0 + tl.arange(0, BLOCK_P)
         mask_p = offs_p < p_end
         mask = mask_c[:, None] & mask_p[None, :]
         x = tl.load(x_ptr + base + _plane_offsets(offs_c, offs_p, C, P, P_CONTIG),

@@ -198,7 +198,7 @@ def _spatial_gate_bwd_stats_kernel(
     """ds = Gs * sa * (1 - sa) on one (sample, block of ROWS rows), and its
     BatchNorm-backward sums."""
     pid = tl.program_id(0)
-    n, o0, o1, _, _ = _row_block(pid, H, W, ROWS, RB, 0)
+    n, o0, o1, e0, e1 = _row_block(pid, H, W, ROWS, RB, 0)  # no halo: e0, e1 = o0, o1
     P = H * W
     row = n.to(tl.int64) * P
     if BN_MODE > 0:
@@ -248,7 +248,7 @@ def _spatial_gate_bwd_kernel(
     ROWS rows). du is pointwise in (ds, u), so the transposed conv's gather forms du at
     the tap positions itself (halo included) and no program reads another's stores."""
     pid = tl.program_id(0)
-    n, o0, o1, _, _ = _row_block(pid, H, W, ROWS, RB, 0)
+    n, o0, o1, e0, e1 = _row_block(pid, H, W, ROWS, RB, 0)  # no halo: e0, e1 = o0, o1
     P = H * W
     row = n.to(tl.int64) * P
     KK: tl.constexpr = KSIZE * KSIZE
