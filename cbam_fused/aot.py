@@ -203,7 +203,7 @@ def _small_map_configs(acc_dtypes):
              for o in (0, 1, 2) for bn in bn_sets]
             + [dict(POOL_ORDER=0, BN_MODE=2, HAS_BN_W=True, **conv(k)) for k in (3, 5)],
             dict(POOL_ORDER=0, BN_MODE=2, HAS_BN_W=True, **conv(7)),
-            [dict(BLOCK_PARTS=PL.BN_PARTS_BLOCK)])
+            [dict(BLOCK_PARTS=PL.bn_parts_block(dtype))])
         add(_bn_partials_reduce_kernel, dtype, acc, [dict(MOMENTS=False), dict(MOMENTS=True)],
             dict(MOMENTS=True), [{}])
         # parameter gradients: the MLP part and the conv/BatchNorm part run in separate
@@ -248,7 +248,7 @@ def launch_configs(dtypes=DTYPES):
                                       [(False, False), (True, True)]):
                     add(_gate_apply_kernel, dtype, SA_MODE=sa_mode, HAS_BN_W=affine,
                         HAS_BN_B=affine, TRACK=track, HAS_NBT=track,
-                        BLOCK_PARTS=PL.BN_PARTS_BLOCK, **blk)
+                        BLOCK_PARTS=PL.bn_parts_block(dtype), **blk)
             for has_sa in (False, True):
                 add(_bwd_gate_sums_kernel, dtype, HAS_SA=has_sa, **blk)
                 for amax in (False, True):

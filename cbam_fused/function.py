@@ -160,7 +160,7 @@ def fused_forward(xd, p_contig: bool, spec: CBAMSpec, w: CBAMWeights, bn_batch_s
     s.update(carve(saved_i32, plan.saved_i32_layout()))
     t = carve(scratch_acc, plan.fwd_scratch_acc_layout())
     t.update(carve(scratch_i32, plan.fwd_scratch_i32_layout()))
-    N, C, P = plan.N, plan.C, plan.P
+    C, P = plan.C, plan.P
 
     L.pool_stats_partials(xd, C, P, p_contig, plan.f1,
                           outs=(t["f1_sum"], t["f1_max"], t["f1_idx"], t["f1_cnt"]), run=run)

@@ -26,9 +26,10 @@ from .kernels.spatial_gate import (_bn_partials_reduce_kernel, _spatial_gate_bwd
                                    _spatial_gate_bwd_stats_kernel, _spatial_gate_fwd_kernel)
 from .kernels.weight_grads import _weight_grads_kernel
 from .launch import jit_launch
-from .plan import (BN_PARTS_BLOCK, CONV_GRAD_BLOCK, NUM_WARPS, SMALL_MAXNREG, SMALL_NUM_WARPS,
+from .plan import (CONV_GRAD_BLOCK, NUM_WARPS, SMALL_MAXNREG, SMALL_NUM_WARPS,
                    WEIGHT_TILE, Reduction, acc_dtype, cdiv, channel_split, conv_tiles,
-                   cp_blocks, position_split, reduction_plan, sm_count, weight_grad_samples)
+                   bn_parts_block, cp_blocks, position_split, reduction_plan, sm_count,
+                   weight_grad_samples)
 
 # launch options of the small-map kernels (plan.py)
 SMALL_OPTIONS = dict(num_warps=SMALL_NUM_WARPS, maxnreg=SMALL_MAXNREG)
@@ -239,7 +240,8 @@ def gate_apply(x, ca, p_contig: bool, sa=None, u=None, mom=None, num_parts=0, bn
         (x, ca, _or(sa, dummy), _or(u, dummy), _or(mom, dummy), _or(bnw, dummy), _or(bnb, dummy),
          _or(rm, dummy), _or(rv, dummy), _or(nbt, dummy), _or(bn_stats, dummy), out,
          C, P, ncb, npb, num_parts, eps_hi, eps_lo, mom_hi, mom_lo),
-        dict(SA_MODE=sa_mode, BLOCK_PARTS=BN_PARTS_BLOCK, HAS_BN_W=bnw is not None, HAS_BN_B=bnb is not None,
+        dict(SA_MODE=sa_mode, BLOCK_PARTS=bn_parts_block(x.dtype),
+             HAS_BN_W=bnw is not None, HAS_BN_B=bnb is not None,
              TRACK=bool(track and rm is not None), HAS_NBT=bool(track and nbt is not None),
              P_CONTIG=p_contig, ACC_DTYPE=_tl_acc(x.dtype),
              BLOCK_C=block_c, BLOCK_P=block_p, num_warps=NUM_WARPS))
@@ -341,7 +343,8 @@ def spatial_gate_bwd(plan, f: Flags, w, saved, bufs, sums, num_parts: int, run=j
          saved["smean"], saved["smax"], bufs["dsmean"], bufs["dsmax"], bufs["cgrad"],
          plan.H, plan.W, plan.psi_rows, plan.psi_row_blocks, num_parts),
         dict(POOL_ORDER=f.pool_order, KSIZE=f.kernel_size, BN_MODE=f.bn_mode,
-             HAS_BN_W=f.has_bn_w, ACC_DTYPE=_tl_acc(plan.dtype), BLOCK_PARTS=BN_PARTS_BLOCK,
+             HAS_BN_W=f.has_bn_w, ACC_DTYPE=_tl_acc(plan.dtype),
+             BLOCK_PARTS=bn_parts_block(plan.dtype),
              KK_PAD=kk_pad, BLOCK_Q=block_q, **SMALL_OPTIONS))
 
 

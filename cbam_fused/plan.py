@@ -29,7 +29,8 @@ MAX_HIDDEN = 1024     # hidden units of the channel MLP that one program holds
 WEIGHT_TILE = 16      # rows and columns of a weight-gradient tile
 WEIGHT_GRAD_SAMPLES = 32  # samples summed per step of a weight-gradient tile (half for fp64)
 CONV_GRAD_BLOCK = 128  # conv-gradient entries summed at once (7x7, two maps, bias: 99)
-BN_PARTS_BLOCK = 256  # BatchNorm partial rows combined at once (one row per psi program)
+BN_PARTS_BLOCK = 256  # BatchNorm partial rows combined at once (one row per psi program;
+                      # half for fp64, which spills in F3 on sm_80 otherwise)
 
 INTERPRETER_SM_COUNT = int(os.environ.get("CBAM_FUSED_SM_COUNT", "1"))
 
@@ -274,6 +275,11 @@ MERGE_BLOCKS = (1, 8, 64)
 def merge_block(count: int) -> int:
     """The smallest of MERGE_BLOCKS that holds `count` partial rows (the last one loops)."""
     return next((b for b in MERGE_BLOCKS if count <= b), MERGE_BLOCKS[-1])
+
+
+def bn_parts_block(dtype) -> int:
+    """BatchNorm partial rows combined at once by F3 and the spatial map's backward."""
+    return BN_PARTS_BLOCK // 2 if dtype == torch.float64 else BN_PARTS_BLOCK
 
 
 def weight_grad_samples(dtype) -> int:

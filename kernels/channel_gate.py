@@ -140,7 +140,8 @@ def _channel_gate_fwd_kernel(
 @triton.jit
 def _channel_gate_bwd_kernel(
     gc_part_ptr,   # [N, PB, C] ACC_DTYPE  B1's partial rows of Gc1 over PB position blocks
-    gc2_part_ptr,  # [N, PS2, C] ACC_DTYPE B2's partial rows of Gc2 over PS2 position splits (HAS_GC2)
+    gc2_part_ptr,  # [N, PS2, C] ACC_DTYPE B2's partial rows of Gc2 over PS2 position splits
+                   # (HAS_GC2)
     ca_ptr,        # [N, C] ACC_DTYPE
     h_ptr,         # [N, 2, HID] ACC_DTYPE (TWO_LAYERS)
     w1_ptr,        # [HID, C] or [C, C]

@@ -1,9 +1,9 @@
 """Forward pass F3: out = x * ca * sa, the only pass that writes a full tensor.
 
 With the spatial BatchNorm in batch-statistics mode (SA_MODE 2) the gate sa does not
-exist yet when F3 starts: every program combines the (count, mean, M2) rows (one per spatial-map program)
-of spatial_gate.py in the same fixed order (a few hundred numbers, from L2), normalizes
-the conv output u of its positions and takes the sigmoid. The programs of the first
+exist yet when F3 starts: every program combines the (count, mean, M2) rows of
+spatial_gate.py (one per spatial-map program) in the same fixed order (a few hundred
+numbers, from L2), normalizes the conv output u of its positions and takes the sigmoid. The programs of the first
 channel block store sa for the backward; program 0 stores the statistics it used and
 updates the running statistics and the batch counter, as nn.BatchNorm2d would.
 """

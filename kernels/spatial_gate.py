@@ -85,7 +85,8 @@ def _spatial_gate_fwd_kernel(
     sidx_ptr, scnt_ptr,   # [N, P] int32 out: first argmax channel, tie count
     u_ptr,                # [N, P] ACC_DTYPE out: conv output
     sa_ptr,               # [N, P] ACC_DTYPE out: spatial gate (BN_MODE 0, 1)
-    mom_ptr,              # [N * RB, 3] ACC_DTYPE out: (count, mean, M2) of u per program (BN_MODE 2)
+    mom_ptr,              # [N * RB, 3] ACC_DTYPE out: (count, mean, M2) of u per program
+                          # (BN_MODE 2)
     bn_stats_ptr,         # [3] ACC_DTYPE out: (mean, invstd, count) used (BN_MODE 1; zeros for 0)
     slab_ptr,             # [N * RB, 2, SLAB] ACC_DTYPE scratch: the conv inputs of each program
     C, H, W, S, ROWS, RB, SLAB, eps_hi, eps_lo,
@@ -227,7 +228,8 @@ def _spatial_gate_bwd_kernel(
     ds_ptr,        # [N, P] ACC_DTYPE dL/ds
     u_ptr,         # [N, P] ACC_DTYPE (BN_MODE 2)
     bn_stats_ptr,  # [3] (mean, invstd, count) (BN_MODE > 0)
-    sums_ptr,      # [NPARTS, 2] (sum ds, sum ds*uhat) rows over every sample (and process) (BN_MODE 2)
+    sums_ptr,      # [NPARTS, 2] (sum ds, sum ds*uhat) rows of every program (and process)
+                   # (BN_MODE 2)
     bnw_ptr,       # [1] (HAS_BN_W)
     convw_ptr,     # [1, M, K, K]
     smean_ptr, smax_ptr,   # [N, P] ACC_DTYPE conv input maps (for the weight gradient)

@@ -136,7 +136,8 @@ GPU_PLAN_CASES = [("official", (2, 24, 13, 11), 7), ("timm", (1, 40, 9, 20), 7),
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("case", GPU_PLAN_CASES, ids=lambda c: f"{c[0]}-{'x'.join(map(str, c[1]))}-k{c[2]}")
+@pytest.mark.parametrize("case", GPU_PLAN_CASES,
+                         ids=lambda c: f"{c[0]}-{'x'.join(map(str, c[1]))}-k{c[2]}")
 def test_plan_of_a_large_gpu(case, layout, device, monkeypatch):
     """The plan an H100/H200 gets (132 SMs): the spatial maps split into row blocks whose
     conv halos cross block edges, B2 split over positions, one BatchNorm row per
