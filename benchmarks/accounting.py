@@ -12,6 +12,9 @@ from cbam_fused import CBAM, cbam_reference, plan
 from cbam_fused.accounting import (TrafficCounter, count_torch_ops, saved_for_backward,
                                    tensor_bytes)
 
+from cbam_fused.aot import SM_MAX_BLOCKS as SM_MAX_CTAS
+from cbam_fused.aot import num_warps_of as aot_num_warps
+from cbam_fused.aot import resident_ctas
 from report import print_table
 
 BIG_TENSOR_KERNELS = ("_pool_stats_kernel", "_gate_apply_kernel", "_bwd_gate_sums_kernel",
@@ -24,7 +27,10 @@ def _saved_bytes(fn, exclude):
     return out, tensor_bytes(saved)
 
 
-def measure(shape=(2, 64, 28, 28), dtype=torch.bfloat16, variant=None, sms=132):
+SMS = 132  # H100 / H200
+
+
+def measure(shape=(2, 64, 28, 28), dtype=torch.bfloat16, variant=None, sms=SMS):
     """Fused vs eager for one shape: launches, traffic per pass (in |x|), saved bytes;
     under the launch plan a GPU with `sms` multiprocessors gets (132: H100/H200)."""
     saved_sms = plan.INTERPRETER_SM_COUNT
@@ -74,6 +80,27 @@ def traffic_rows(counter, xbytes, direction):
     return rows
 
 
+def plan_rows(counter, direction, sms, aot_rows, dtype_name):
+    """Per launch, what the plan gives the GPU: programs, programs per SM, resident
+    programs per SM (the AOT build's registers and shared memory, worst build of that
+    kernel and dtype), waves, bytes per program (max, mean) and load operations per
+    program (max; a program's serial memory round trips are at most this)."""
+    resident = {}
+    for dt in ("fp32", dtype_name):  # the small-map kernels are built for fp32 statistics
+        resident.update({r["kernel"]: r["resident_ctas"] for r in aot_rows
+                         if r.get("dtype") == dt and "resident_ctas" in r})
+    rows = []
+    for rec in counter.launches:
+        ctas = resident.get(rec.kernel)
+        rows.append(dict(direction=direction, kernel=rec.kernel, programs=rec.programs,
+                         per_sm=rec.programs / sms, resident=ctas if ctas else "-",
+                         waves=-(-rec.programs // (sms * ctas)) if ctas else "-",
+                         kib_max=max(rec.bytes) / 1024,
+                         kib_mean=sum(rec.bytes) / rec.programs / 1024,
+                         loads_max=max(rec.loads)))
+    return rows
+
+
 def aot_summary(arch=90):
     """Per kernel: worst registers, spills, shared memory, occupancy, 16-byte accesses."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -92,12 +119,15 @@ def aot_summary(arch=90):
         key = r["name"].split("[")[0]
         dt = r["name"].split("[")[1].split("|")[0]
         row = rows.setdefault((key, dt), dict(kernel=key, dtype=dt, builds=0, max_regs=0, spills=0,
-                                              max_smem=0, min_occupancy=1.0, all_16B_loads=True))
+                                              max_smem=0, min_occupancy=1.0, all_16B_loads=True,
+                                              resident_ctas=SM_MAX_CTAS))
         row["builds"] += 1
         row["max_regs"] = max(row["max_regs"], r["regs"])
         row["spills"] += r["spill_stores"] + r["spill_loads"]
         row["max_smem"] = max(row["max_smem"], r["smem"])
         row["min_occupancy"] = min(row["min_occupancy"], r["occupancy"])
+        row["resident_ctas"] = min(row["resident_ctas"],
+                                   resident_ctas(r["regs"], r["smem"], aot_num_warps(key)))
         # 16-byte loads of the big tensor: not possible with a dimension of 1 (builds with
         # integers equal to 1) and not counted for fp64 (v2.f64); the small-map kernels
         # read no big tensor
@@ -128,6 +158,16 @@ def accounting_report(shape=(2, 64, 28, 28), dtype=torch.bfloat16):
           "saved for backward in |x|")
     print_table(rows, ["impl", "fwd_triton", "fwd_torch_ops", "bwd_triton", "bwd_torch_ops",
                        "saved_for_backward"])
+    aot = aot_summary(90)
+    dt = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+          torch.float64: "fp64"}[dtype]
+    print(f"   per launch, what the plan gives a {SMS}-SM GPU: programs, per SM, resident per SM "
+          "(sm_90 build), waves, KiB per program, load operations per program (bounds its "
+          "serial memory round trips)")
+    print_table(plan_rows(f["fwd"], "forward", SMS, aot, dt)
+                + plan_rows(f["bwd"], "backward", SMS, aot, dt),
+                ["direction", "kernel", "programs", "per_sm", "resident", "waves", "kib_max",
+                 "kib_mean", "loads_max"])
     print("== ahead-of-time sm_90 builds of every launch configuration (ptxas -v)")
-    print_table(aot_summary(90), ["kernel", "dtype", "builds", "max_regs", "spills", "max_smem",
-                                  "min_occupancy", "all_16B_loads"])
+    print_table(aot, ["kernel", "dtype", "builds", "max_regs", "spills", "max_smem",
+                      "min_occupancy", "resident_ctas", "all_16B_loads"])

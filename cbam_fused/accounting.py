@@ -38,12 +38,31 @@ class PassTraffic:
         self.small_written = 0
 
 
+class LaunchRecord:
+    """What one launch gives the GPU: its programs, and per program the bytes it loads and
+    stores and the load operations it issues (a tile load is one operation; the loads
+    of one loop step are issued together, so a program's serial memory round trips are
+    at most its load operations, and about its loop steps)."""
+
+    def __init__(self, kernel: str, num_warps: int):
+        self.kernel = kernel
+        self.num_warps = num_warps
+        self.bytes = []   # per program
+        self.loads = []   # per program
+
+    @property
+    def programs(self):
+        return len(self.bytes)
+
+
 class TrafficCounter:
-    """Context manager: per-kernel launches and bytes, counted in the interpreter."""
+    """Context manager: per-kernel launches and bytes, counted in the interpreter, and
+    one LaunchRecord per launch (`launches`)."""
 
     def __init__(self):
         self.by_kernel = collections.OrderedDict()
         self.order = []  # kernel name per launch, in launch order
+        self.launches = []  # LaunchRecord per launch, in launch order
         self._ranges = []
         self._current = None
         self.in_launch = False
@@ -57,6 +76,7 @@ class TrafficCounter:
         self._saved = {name: getattr(I.InterpreterBuilder, name) for name in
                        ("create_masked_load", "create_masked_store", "create_load", "create_store")}
         self._saved_call = I.GridExecutor.__call__
+        self._saved_grid_idx = I.InterpreterBuilder.set_grid_idx
         self._saved_init = I.GridExecutor._init_args_hst
         counter = self
 
@@ -75,11 +95,18 @@ class TrafficCounter:
             counter._current = counter.by_kernel.setdefault(name, PassTraffic())
             counter._current.launches += 1
             counter.order.append(name)
+            counter.launches.append(LaunchRecord(name, kwargs.get("num_warps", 4)))
             counter.in_launch = True
             try:
                 return counter._saved_call(executor, *args, **kwargs)
             finally:
                 counter.in_launch = False
+
+        def grid_idx(builder, *idx):
+            if counter.in_launch:
+                counter.launches[-1].bytes.append(0)
+                counter.launches[-1].loads.append(0)
+            return counter._saved_grid_idx(builder, *idx)
 
         def masked_load(builder, ptrs, mask, *a):
             counter._count(ptrs, mask, store=False)
@@ -99,6 +126,7 @@ class TrafficCounter:
 
         I.GridExecutor._init_args_hst = init_args
         I.GridExecutor.__call__ = call
+        I.InterpreterBuilder.set_grid_idx = grid_idx
         I.InterpreterBuilder.create_masked_load = masked_load
         I.InterpreterBuilder.create_masked_store = masked_store
         I.InterpreterBuilder.create_load = load
@@ -110,6 +138,7 @@ class TrafficCounter:
         for name, fn in self._saved.items():
             setattr(I.InterpreterBuilder, name, fn)
         I.GridExecutor.__call__ = self._saved_call
+        I.InterpreterBuilder.set_grid_idx = self._saved_grid_idx
         I.GridExecutor._init_args_hst = self._saved_init
 
     def _count(self, ptrs, mask, store: bool):
@@ -125,6 +154,10 @@ class TrafficCounter:
         n_big = int((on & big).sum()) * size
         n_small = int((on & ~big).sum()) * size
         t = self._current
+        if self.launches and self.launches[-1].bytes:
+            rec = self.launches[-1]
+            rec.bytes[-1] += n_big + n_small
+            rec.loads[-1] += 0 if store else 1
         if store:
             t.big_written += n_big
             t.small_written += n_small

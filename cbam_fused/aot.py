@@ -221,7 +221,7 @@ def _small_map_configs(acc_dtypes):
             dict(heavy_mlp, **conv_on),
             [dict(BLOCK_R=PL.WEIGHT_TILE, BLOCK_K=PL.WEIGHT_TILE,
                   BLOCK_N=PL.weight_grad_samples(dtype), BLOCK_G=PL.CONV_GRAD_BLOCK,
-                  BLOCK_NR=PL.weight_grad_samples(dtype))])
+                  BLOCK_NR=PL.weight_grad_rows(dtype))])
     return out
 
 
@@ -267,7 +267,12 @@ _BIG_PASSES = ("_pool_stats_kernel", "_gate_apply_kernel", "_bwd_gate_sums_kerne
 
 def num_warps(kernel) -> int:
     """The warps the launchers give a kernel (plan.py)."""
-    return PL.NUM_WARPS if kernel.fn.__name__ in _BIG_PASSES else PL.SMALL_NUM_WARPS
+    return num_warps_of(kernel.fn.__name__)
+
+
+def num_warps_of(kernel_name: str) -> int:
+    """num_warps by the kernel's name."""
+    return PL.NUM_WARPS if kernel_name in _BIG_PASSES else PL.SMALL_NUM_WARPS
 
 
 def launch_options(kernel) -> dict:
@@ -325,13 +330,18 @@ def ptxas_report(ptx: str, arch: int):
     return regs, spill_st, spill_ld
 
 
-def occupancy(regs: int, smem: int, num_warps: int = PL.NUM_WARPS) -> float:
-    """Theoretical occupancy on an H100 SM (fraction of 64 warps), from registers and smem."""
+def resident_ctas(regs: int, smem: int, num_warps: int = PL.NUM_WARPS) -> int:
+    """Programs (CTAs) of one kernel resident at once on an H100 SM, from its registers
+    per thread, shared memory and warps."""
     regs_per_warp = -(-regs * 32 // 256) * 256  # allocation granularity: 256 per warp
     by_regs = SM_REGS // (regs_per_warp * num_warps)
     by_smem = SM_SMEM // smem if smem else SM_MAX_BLOCKS
-    blocks = min(by_regs, by_smem, SM_MAX_BLOCKS, SM_MAX_WARPS // num_warps)
-    return blocks * num_warps / SM_MAX_WARPS
+    return min(by_regs, by_smem, SM_MAX_BLOCKS, SM_MAX_WARPS // num_warps)
+
+
+def occupancy(regs: int, smem: int, num_warps: int = PL.NUM_WARPS) -> float:
+    """Theoretical occupancy on an H100 SM (fraction of 64 warps), from registers and smem."""
+    return resident_ctas(regs, smem, num_warps) * num_warps / SM_MAX_WARPS
 
 
 def build_report(build: Build, arch: int) -> dict:

@@ -29,7 +29,7 @@ from .launch import jit_launch
 from .plan import (CONV_GRAD_BLOCK, NUM_WARPS, SMALL_MAXNREG, SMALL_NUM_WARPS,
                    WEIGHT_TILE, Reduction, acc_dtype, cdiv, channel_split, conv_tiles,
                    bn_parts_block, cp_blocks, position_split, reduction_plan, sm_count,
-                   weight_grad_samples)
+                   weight_grad_rows, weight_grad_samples)
 
 # launch options of the small-map kernels (plan.py)
 SMALL_OPTIONS = dict(num_warps=SMALL_NUM_WARPS, maxnreg=SMALL_MAXNREG)
@@ -390,7 +390,7 @@ def weight_grads(plan, f: Flags, w, saved, bufs, grads=None, run=jit_launch):
              HAS_BN_W=f.has_bn_w and f.bn_mode > 0, HAS_BN_B=f.has_bn_b and f.bn_mode > 0,
              ACC_DTYPE=_tl_acc(plan.dtype), BLOCK_R=WEIGHT_TILE, BLOCK_K=WEIGHT_TILE,
              BLOCK_N=weight_grad_samples(plan.dtype), BLOCK_G=CONV_GRAD_BLOCK,
-             BLOCK_NR=weight_grad_samples(plan.dtype), **SMALL_OPTIONS))
+             BLOCK_NR=weight_grad_rows(plan.dtype), **SMALL_OPTIONS))
     return grads
 
 

@@ -2,10 +2,10 @@
 layout, as a function of the shape, dtypes, layout, variant and the device's number of
 multiprocessors. Computed once per key and cached, so a call does no planning work.
 
-The multiprocessor count decides the splits of the reduced axis in F1, F2 and B1 (about
-two programs per SM). On CUDA it is the device's; elsewhere (the interpreter) it is
-`INTERPRETER_SM_COUNT`, 1 by default, which tests set to 132 to check the plan an
-H100/H200 gets.
+The multiprocessor count decides the splits of the reduced axis in F1, F2, B1 and B2
+(about BIG_PASS_PROGRAMS_PER_SM programs per SM) and the row blocks of the spatial maps.
+On CUDA it is the device's; elsewhere (the interpreter) it is `INTERPRETER_SM_COUNT`, 1
+by default, which tests set to 132 to check the plan an H100/H200 gets.
 """
 import dataclasses
 import functools
@@ -24,6 +24,7 @@ SMALL_NUM_WARPS = 8   # the small-map kernels: one program per sample, so more t
 # registers and spills a few bytes in some tiles (seen with triton 3.6 and 3.8)
 SMALL_MAXNREG = 128
 MAX_SPLITS = 64       # partial rows merged by one tile of the small-map kernels
+BIG_PASS_PROGRAMS_PER_SM = 8  # the split reductions' target (8-12 fit on an SM, aot.py)
 SMALL_TILE = 4096     # elements of one tile in the small-map kernels (half for fp64)
 MAX_HIDDEN = 1024     # hidden units of the channel MLP that one program holds
 WEIGHT_TILE = 16      # rows and columns of a weight-gradient tile
@@ -70,7 +71,7 @@ def cp_blocks(C: int, P: int, p_contig: bool, dtype):
 
 
 def channel_split(N: int, C: int, P: int, p_contig: bool, dtype, sms: int, splits=None):
-    """(splits, channels per split) of B1's channel axis: about two programs per SM, or
+    """(splits, channels per split) of B1's channel axis: splits_for's programs per SM, or
     the requested number of splits, in whole channel blocks."""
     block_c, block_p = cp_blocks(C, P, p_contig, dtype)
     c_blocks = cdiv(C, block_c)
@@ -82,7 +83,7 @@ def channel_split(N: int, C: int, P: int, p_contig: bool, dtype, sms: int, split
 
 
 def position_split(N: int, C: int, P: int, p_contig: bool, dtype, sms: int, splits=None):
-    """(splits, positions per split) of B2's position axis: about two programs per SM, or
+    """(splits, positions per split) of B2's position axis: splits_for's programs per SM, or
     the requested number of splits, in whole position blocks."""
     block_c, block_p = cp_blocks(C, P, p_contig, dtype)
     p_blocks = cdiv(P, block_p)
@@ -95,11 +96,12 @@ def position_split(N: int, C: int, P: int, p_contig: bool, dtype, sms: int, spli
 
 def splits_for(base_programs: int, blocks: int, sms: int) -> int:
     """Splits of a reduced axis of `blocks` tiles so a launch of base_programs programs
-    fills about two programs per SM."""
-    want = 2 * sms
-    if base_programs >= want:
+    runs about BIG_PASS_PROGRAMS_PER_SM programs per SM, in one wave: a program keeps one
+    tile load in flight per round trip, so an SM needs several to cover DRAM latency."""
+    want = BIG_PASS_PROGRAMS_PER_SM * sms
+    if base_programs >= want // 2:
         return 1
-    return max(1, min(cdiv(want, base_programs), blocks, MAX_SPLITS))
+    return max(1, min(want // base_programs, blocks, MAX_SPLITS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,6 +282,12 @@ def merge_block(count: int) -> int:
 def bn_parts_block(dtype) -> int:
     """BatchNorm partial rows combined at once by F3 and the spatial map's backward."""
     return BN_PARTS_BLOCK // 2 if dtype == torch.float64 else BN_PARTS_BLOCK
+
+
+def weight_grad_rows(dtype) -> int:
+    """Conv-gradient and BatchNorm rows (one per spatial-map program) summed per step by
+    the weight-gradient kernel's last program."""
+    return 2 * weight_grad_samples(dtype)
 
 
 def weight_grad_samples(dtype) -> int:

@@ -90,10 +90,16 @@ def _combine_moments(mom_ptr, num_parts, ACC_DTYPE: tl.constexpr, BLOCK: tl.cons
     in a fixed order (deterministic):
         count = sum n_i,  mean = sum n_i mean_i / count,
         M2 = sum M2_i + sum n_i (mean_i - mean)^2,  var = M2 / count
+    Up to BLOCK rows are read once (one round trip); more are read in a second pass.
     """
-    cnt_acc = tl.zeros([BLOCK], ACC_DTYPE)
-    sum_acc = tl.zeros([BLOCK], ACC_DTYPE)
-    for i0 in range(0, num_parts, BLOCK):
+    offs = tl.arange(0, BLOCK)
+    m = offs < num_parts
+    cnt0 = tl.load(mom_ptr + offs * 3, mask=m, other=0.0)
+    mean0 = tl.load(mom_ptr + offs * 3 + 1, mask=m, other=0.0)
+    m20 = tl.load(mom_ptr + offs * 3 + 2, mask=m, other=0.0)
+    cnt_acc = cnt0
+    sum_acc = cnt0 * mean0
+    for i0 in range(BLOCK, num_parts, BLOCK):
         offs = i0 + tl.arange(0, BLOCK)
         m = offs < num_parts
         cnt = tl.load(mom_ptr + offs * 3, mask=m, other=0.0)
@@ -102,8 +108,9 @@ def _combine_moments(mom_ptr, num_parts, ACC_DTYPE: tl.constexpr, BLOCK: tl.cons
         sum_acc += cnt * mean
     count = tl.sum(cnt_acc, 0)
     mean_all = tl.sum(sum_acc, 0) / count
-    m2_acc = tl.zeros([BLOCK], ACC_DTYPE)
-    for i0 in range(0, num_parts, BLOCK):
+    d0 = mean0 - mean_all
+    m2_acc = tl.where(tl.arange(0, BLOCK) < num_parts, m20 + cnt0 * d0 * d0, 0.0)
+    for i0 in range(BLOCK, num_parts, BLOCK):
         offs = i0 + tl.arange(0, BLOCK)
         m = offs < num_parts
         cnt = tl.load(mom_ptr + offs * 3, mask=m, other=0.0)

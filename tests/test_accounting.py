@@ -68,3 +68,25 @@ def test_traffic_launches_and_saved_bytes(variant, shape, dtype, layout):
     assert b.small_read + b.small_written <= small_limit
     # saved for backward: x itself plus small statistics
     assert saved <= 1.05 * xb + 8 * 4 * (N * C + N * H * W), saved / xb
+
+
+def test_programs_per_launch_on_a_large_gpu(monkeypatch):
+    """Per-launch records (what `make run` reports): under the plan of a 132-SM GPU the
+    spatial maps run one program per (sample, row block) and B2 splits its positions;
+    every program of a launch is recorded, with the bytes it moved."""
+    from cbam_fused import plan as plan_module
+
+    monkeypatch.setattr(plan_module, "INTERPRETER_SM_COUNT", 132)
+    N, C, H, W = 2, 24, 14, 12
+    _, fwd, bwd, _ = _measure("official", (N, C, H, W), torch.float32, "channels_last")
+    programs = {(i, r.kernel): r.programs for i, r in enumerate(fwd.launches + bwd.launches)}
+    rows = plan_module.psi_rows(N, H, 132)
+    assert rows == 1
+    psi = [p for (_, k), p in programs.items() if k.startswith("_spatial_gate")]
+    assert psi == [N * H] * 3, programs
+    b2_splits, _ = plan_module.position_split(N, C, H * W, False, torch.float32, 132)
+    block_c = plan_module.cp_blocks(C, H * W, False, torch.float32)[0]
+    b2 = [p for (_, k), p in programs.items() if k == "_bwd_spatial_pool_kernel"]
+    assert b2_splits > 1 and b2 == [N * -(-C // block_c) * b2_splits]
+    for rec in fwd.launches + bwd.launches:
+        assert len(rec.loads) == rec.programs and min(rec.bytes) > 0, rec.kernel
