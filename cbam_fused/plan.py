@@ -26,6 +26,7 @@ SMALL_MAXNREG = 128
 MAX_SPLITS = 64       # partial rows merged by one tile of the small-map kernels
 BIG_PASS_PROGRAMS_PER_SM = 8  # the split reductions' target (8-12 fit on an SM, aot.py)
 SMALL_TILE = 4096     # elements of one tile in the small-map kernels (half for fp64)
+PHI_WEIGHT_TILES = 4  # weight-tile elements of the channel maps, in merge tiles
 MAX_HIDDEN = 1024     # hidden units of the channel MLP that one program holds
 WEIGHT_TILE = 16      # rows and columns of a weight-gradient tile
 WEIGHT_GRAD_SAMPLES = 32  # samples summed per step of a weight-gradient tile (half for fp64)
@@ -299,19 +300,22 @@ def small_tile(dtype) -> int:
     return SMALL_TILE // 2 if dtype == torch.float64 else SMALL_TILE
 
 
-def phi_tiles(hidden: int, two_layers: bool, block_s: int, dtype):
+def phi_tiles(hidden: int, two_layers: bool, block_s: int, dtype, weight_tiles=None):
     """(BLOCK_C, BLOCK_H) of the channel-map kernels: BLOCK_H holds every hidden unit
     (two layers) or one block of outputs (one layer)."""
+    weight_tiles = PHI_WEIGHT_TILES if weight_tiles is None else weight_tiles
     block_h = _pow2_at_least(hidden, 16) if two_layers else 64
-    # a weight tile and an MLP input tile live at once; fp64 doubles the registers
+    # a weight tile and an MLP input tile live at once; fp64 doubles the registers. The
+    # weight tile may be PHI_WEIGHT_TILES times the merge tile: fewer steps, each one
+    # memory round trip
     small = small_tile(dtype) // (4 if dtype == torch.float64 else 2)
-    return max(2, min(small // block_h, small // block_s)), block_h
+    return max(2, min(weight_tiles * small // block_h, small // block_s)), block_h
 
 
 def phi_bwd_tiles(hidden: int, two_layers: bool, block_pb: int, dtype):
-    """(BLOCK_C, BLOCK_H) of the channel-map backward: the forward's tiles (ptxas spills a
-    few bytes on sm_80 with twice the channel block)."""
-    return phi_tiles(hidden, two_layers, block_pb, dtype)
+    """(BLOCK_C, BLOCK_H) of the channel-map backward: half the forward's weight tile
+    (it keeps more rows live; ptxas spills on sm_90 with the forward's)."""
+    return phi_tiles(hidden, two_layers, block_pb, dtype, PHI_WEIGHT_TILES // 2)
 
 
 @functools.lru_cache(maxsize=None)

@@ -138,7 +138,11 @@ def _sum_pairs(part_ptr, num_parts, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr
 def _sum_partial_rows(part_ptr, n, num_parts, R, offs_r, mask_r, ACC_DTYPE: tl.constexpr,
                       BLOCK: tl.constexpr):
     """sum_b part[n, b, r] for the rows offs_r of part_ptr ([N, num_parts, R]), BLOCK
-    partial rows at a time, in a fixed order: the merge of a split reduction's sums."""
+    partial rows at a time, in a fixed order: the merge of a split reduction's sums.
+    BLOCK == 1 means one row (plan.merge_block): a plain load, no loop (a loop of one step
+    would cost its own memory round trip)."""
+    if BLOCK == 1:
+        return tl.load(part_ptr + n.to(tl.int64) * R + offs_r, mask=mask_r, other=0.0)
     acc = tl.zeros(offs_r.shape, ACC_DTYPE)
     for b0 in range(0, num_parts, BLOCK):
         offs_b = b0 + tl.arange(0, BLOCK)
