@@ -71,28 +71,29 @@ def cp_blocks(C: int, P: int, p_contig: bool, dtype):
     return (other, contig) if p_contig else (contig, other)
 
 
+def _split_axis(extent: int, block: int, other_programs: int, sms: int, splits, cap: int):
+    """(splits, elements per split) of an axis of `extent` elements in blocks of `block`,
+    reduced by programs that also span other_programs programs on the other axes."""
+    blocks = cdiv(extent, block)
+    if splits is None:
+        splits = splits_for(other_programs, blocks, sms)
+    splits = max(1, min(splits, blocks, cap))
+    per_split = cdiv(blocks, splits) * block
+    return cdiv(extent, per_split), per_split
+
+
 def channel_split(N: int, C: int, P: int, p_contig: bool, dtype, sms: int, splits=None):
     """(splits, channels per split) of B1's channel axis: splits_for's programs per SM, or
     the requested number of splits, in whole channel blocks."""
     block_c, block_p = cp_blocks(C, P, p_contig, dtype)
-    c_blocks = cdiv(C, block_c)
-    if splits is None:
-        splits = splits_for(N * cdiv(P, block_p), c_blocks, sms)
-    splits = max(1, min(splits, c_blocks))
-    c_per_split = cdiv(c_blocks, splits) * block_c
-    return cdiv(C, c_per_split), c_per_split
+    return _split_axis(C, block_c, N * cdiv(P, block_p), sms, splits, C)
 
 
 def position_split(N: int, C: int, P: int, p_contig: bool, dtype, sms: int, splits=None):
     """(splits, positions per split) of B2's position axis: splits_for's programs per SM, or
     the requested number of splits, in whole position blocks."""
     block_c, block_p = cp_blocks(C, P, p_contig, dtype)
-    p_blocks = cdiv(P, block_p)
-    if splits is None:
-        splits = splits_for(N * cdiv(C, block_c), p_blocks, sms)
-    splits = max(1, min(splits, p_blocks, MAX_SPLITS))
-    p_per_split = cdiv(p_blocks, splits) * block_p
-    return cdiv(P, p_per_split), p_per_split
+    return _split_axis(P, block_p, N * cdiv(C, block_c), sms, splits, MAX_SPLITS)
 
 
 def splits_for(base_programs: int, blocks: int, sms: int) -> int:
