@@ -97,11 +97,12 @@ def position_split(N: int, C: int, P: int, p_contig: bool, dtype, sms: int, spli
 
 
 def splits_for(base_programs: int, blocks: int, sms: int) -> int:
-    """Splits of a reduced axis of `blocks` tiles so a launch of base_programs programs
-    runs about BIG_PASS_PROGRAMS_PER_SM programs per SM, in one wave: a program keeps one
-    tile load in flight per round trip, so an SM needs several to cover DRAM latency."""
+    """Splits of a reduced axis of `blocks` tiles when a launch of base_programs programs
+    would leave fewer than two programs per SM: then about BIG_PASS_PROGRAMS_PER_SM
+    programs per SM, in one wave (a program keeps one tile load in flight per round trip,
+    so an SM needs several to cover DRAM latency)."""
     want = BIG_PASS_PROGRAMS_PER_SM * sms
-    if base_programs >= want // 2:
+    if base_programs >= 2 * sms:
         return 1
     return max(1, min(want // base_programs, blocks, MAX_SPLITS))
 
