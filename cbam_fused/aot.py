@@ -219,9 +219,9 @@ def _small_map_configs(acc_dtypes):
         add(_weight_grads_kernel, dtype, acc,
             [dict(f, **conv_on) for f in mlp] + [dict(heavy_mlp, **c) for c in convs[:-1]],
             dict(heavy_mlp, **conv_on),
-            [dict(BLOCK_R=PL.WEIGHT_TILE, BLOCK_K=PL.WEIGHT_TILE,
-                  BLOCK_N=PL.weight_grad_samples(dtype), BLOCK_G=PL.CONV_GRAD_BLOCK,
-                  BLOCK_NR=PL.weight_grad_rows(dtype))])
+            [dict(BLOCK_R=t, BLOCK_K=t, BLOCK_N=PL.weight_grad_samples(dtype, t),
+                  BLOCK_G=PL.CONV_GRAD_BLOCK, BLOCK_NR=PL.weight_grad_rows(dtype))
+             for t in PL.WEIGHT_TILES])
     return out
 
 
@@ -352,12 +352,19 @@ def build_report(build: Build, arch: int) -> dict:
     return dict(name=build.name, arch=arch, ones=list(build.ones), regs=regs, spill_stores=spill_st,
                 spill_loads=spill_ld, smem=k.metadata.shared,
                 occupancy=occupancy(regs, k.metadata.shared, num_warps(build.kernel)),
-                v4_loads=len(re.findall(r"ld\.global(\.\w+)*\.v4", ptx)),
+                # 16-byte loads: ld.global.v4, or 16-byte cp.async in pipelined loops
+                v4_loads=len(re.findall(r"ld\.global(\.\w+)*\.v4", ptx)) + len(_CP_ASYNC_16.findall(ptx)),
                 v4_stores=len(re.findall(r"st\.global(\.\w+)*\.v4", ptx)),
+                cp_async=len(_CP_ASYNC.findall(ptx)),
                 scalar_loads=len(re.findall(r"ld\.global(\.\w+)*\.(b|u|f)(8|16|32|64)\s", ptx)),
                 i32_offsets=len(_I32_ADDPTR.findall(k.asm["ttir"]))
                 + len(_I32_TILE_MUL.findall(k.asm["ttir"])))
 
+
+# A software-pipelined load: cp.async from global into shared memory (ca: 4/8/16 bytes,
+# cg: 16 bytes), and the 16-byte ones.
+_CP_ASYNC = re.compile(r"cp\.async\.c[ag]\.shared\.global")
+_CP_ASYNC_16 = re.compile(r"cp\.async\.c[ag]\.shared\.global \[[^\]]*\], \[[^\]]*\], (0x10|16)\b")
 
 # A 32-bit pointer offset that could overflow: a scalar i32 (a sample or plane base) or
 # a 2-D i32 tile (plane offsets r * K + k). 1-D i32 offsets added to a 64-bit row base

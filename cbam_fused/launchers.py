@@ -27,7 +27,7 @@ from .kernels.spatial_gate import (_bn_partials_reduce_kernel, _spatial_gate_bwd
 from .kernels.weight_grads import _weight_grads_kernel
 from .launch import jit_launch
 from .plan import (CONV_GRAD_BLOCK, NUM_WARPS, SMALL_MAXNREG, SMALL_NUM_WARPS,
-                   WEIGHT_TILE, Reduction, acc_dtype, cdiv, channel_split, conv_tiles,
+                   Reduction, acc_dtype, cdiv, channel_split, conv_tiles,
                    bn_parts_block, cp_blocks, position_split, reduction_plan, sm_count,
                    weight_grad_rows, weight_grad_samples)
 
@@ -388,8 +388,8 @@ def weight_grads(plan, f: Flags, w, saved, bufs, grads=None, run=jit_launch):
         dict(POOL=f.pool, TWO_LAYERS=f.two_layers, HAS_B1=f.has_b1, HAS_B2=f.has_b2,
              HAS_CONV=f.spatial, HAS_CONV_BIAS=f.has_conv_bias,
              HAS_BN_W=f.has_bn_w and f.bn_mode > 0, HAS_BN_B=f.has_bn_b and f.bn_mode > 0,
-             ACC_DTYPE=_tl_acc(plan.dtype), BLOCK_R=WEIGHT_TILE, BLOCK_K=WEIGHT_TILE,
-             BLOCK_N=weight_grad_samples(plan.dtype), BLOCK_G=CONV_GRAD_BLOCK,
+             ACC_DTYPE=_tl_acc(plan.dtype), BLOCK_R=plan.wg_tile, BLOCK_K=plan.wg_tile,
+             BLOCK_N=weight_grad_samples(plan.dtype, plan.wg_tile), BLOCK_G=CONV_GRAD_BLOCK,
              BLOCK_NR=weight_grad_rows(plan.dtype), **SMALL_OPTIONS))
     return grads
 

@@ -28,8 +28,9 @@ BIG_PASS_PROGRAMS_PER_SM = 8  # the split reductions' target (8-12 fit on an SM,
 SMALL_TILE = 4096     # elements of one tile in the small-map kernels (half for fp64)
 PHI_WEIGHT_TILES = 4  # weight-tile elements of the channel maps, in merge tiles
 MAX_HIDDEN = 1024     # hidden units of the channel MLP that one program holds
-WEIGHT_TILE = 16      # rows and columns of a weight-gradient tile
-WEIGHT_GRAD_SAMPLES = 32  # samples summed per step of a weight-gradient tile (half for fp64)
+WEIGHT_TILES = (16, 32)  # rows and columns of a weight-gradient tile (plan.weight_tile)
+WEIGHT_GRAD_PRODUCTS = 8192  # samples x rows x columns summed per step of a weight-gradient
+                             # tile (half for fp64): 32 samples of a 16 x 16 tile
 CONV_GRAD_BLOCK = 128  # conv-gradient entries summed at once (7x7, two maps, bias: 99)
 BN_PARTS_BLOCK = 256  # BatchNorm partial rows combined at once (one row per psi program;
                       # half for fp64, which spills in F3 on sm_80 otherwise)
@@ -168,6 +169,7 @@ class BlockPlan:
     wg_tiles2: int
     wg_rows1: int
     wg_rows2: int
+    wg_tile: int         # rows and columns of a weight-gradient tile
 
     def __post_init__(self):
         # hashed once: the per-plan caches below (functools.lru_cache on methods) hash it
@@ -290,12 +292,28 @@ def bn_parts_block(dtype) -> int:
 def weight_grad_rows(dtype) -> int:
     """Conv-gradient and BatchNorm rows (one per spatial-map program) summed per step by
     the weight-gradient kernel's last program."""
-    return 2 * weight_grad_samples(dtype)
+    return 2 * weight_grad_samples(dtype, WEIGHT_TILES[0])
 
 
-def weight_grad_samples(dtype) -> int:
-    """Samples (rows) summed per step by the weight-gradient kernel."""
-    return WEIGHT_GRAD_SAMPLES // 2 if dtype == torch.float64 else WEIGHT_GRAD_SAMPLES
+def weight_grad_samples(dtype, tile: int) -> int:
+    """Samples (rows) summed per step by a weight-gradient tile of tile x tile: the
+    [samples, tile, tile] products of one step fit the same registers at every tile."""
+    products = WEIGHT_GRAD_PRODUCTS // 2 if dtype == torch.float64 else WEIGHT_GRAD_PRODUCTS
+    return max(1, products // (tile * tile))
+
+
+def weight_tile(hidden: int, two_layers: bool, C: int, sms: int) -> int:
+    """The largest of WEIGHT_TILES whose tiles of W1 and W2 still give every SM two
+    programs (a tile loops over the samples; fewer, bigger tiles at large C keep the
+    launch one wave and the interpreter fast), else the smallest."""
+    rows1 = hidden if two_layers else C
+    for tile in reversed(WEIGHT_TILES):
+        tiles = cdiv(rows1, tile) * cdiv(C, tile)
+        if two_layers:
+            tiles += cdiv(C, tile) * cdiv(hidden, tile)
+        if tiles >= 2 * sms:
+            return tile
+    return WEIGHT_TILES[0]
 
 
 def small_tile(dtype) -> int:
@@ -360,10 +378,11 @@ def block_plan(N: int, C: int, H: int, W: int, hidden: int, two_layers: bool, sp
     psi_block = psi_block_p(max(f2.block_s, bwd_block_cs), dtype)
     bwd_block_pb = min(8, merge_block(p_blocks))  # merged 8 at a time at most (a loop)
     phi_bwd_block_c = phi_bwd_tiles(hidden, two_layers, bwd_block_pb, dtype)[0]
-    rows1 = cdiv(hidden if two_layers else C, WEIGHT_TILE)
-    rows2 = cdiv(C, WEIGHT_TILE) if two_layers else 0
-    tiles1 = rows1 * cdiv(C, WEIGHT_TILE)
-    tiles2 = rows2 * cdiv(hidden, WEIGHT_TILE) if two_layers else 0
+    wg_tile = weight_tile(hidden, two_layers, C, sms)
+    rows1 = cdiv(hidden if two_layers else C, wg_tile)
+    rows2 = cdiv(C, wg_tile) if two_layers else 0
+    tiles1 = rows1 * cdiv(C, wg_tile)
+    tiles2 = rows2 * cdiv(hidden, wg_tile) if two_layers else 0
     rows = psi_rows(N, H, sms)
     return BlockPlan(N, C, H, W, hidden, two_layers, spatial, kernel_size if spatial else 0,
                      p_contig, dtype, f1, f2, block_c, block_p,
@@ -371,7 +390,7 @@ def block_plan(N: int, C: int, H: int, W: int, hidden: int, two_layers: bool, sp
                      phi_block_c, phi_block_h, phi_bwd_block_c, psi_block, rows, cdiv(H, rows),
                      bwd_block_pb,
                      bwd_block_cs, min(8, merge_block(b2_splits)), tiles1, tiles2,
-                     rows1, rows2)
+                     rows1, rows2, wg_tile)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -23,7 +23,7 @@ extra launch.
 import triton
 import triton.language as tl
 
-from .plane import _combined_stats, _sum_partial_rows
+from .plane import STAGES, _combined_stats, _sum_partial_rows
 
 
 @triton.jit
@@ -72,7 +72,7 @@ def _channel_gate_fwd_kernel(
     mask_h = offs_h < HID
     acc_a = tl.zeros([BLOCK_H], ACC_DTYPE)
     acc_m = tl.zeros([BLOCK_H], ACC_DTYPE)
-    for c0 in range(0, C, BLOCK_C):
+    for c0 in tl.range(0, C, BLOCK_C, num_stages=STAGES):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
         total, m, idx, cnt = _combined_stats(psum_ptr, pmax_ptr, pidx_ptr, pcnt_ptr, pbase, C, S,
@@ -102,7 +102,7 @@ def _channel_gate_fwd_kernel(
         tl.store(h_ptr + hrow + HID + offs_h, acc_m, mask=mask_h)  # defined; read for POOL 0 only
         r_a = tl.where(mask_h, _relu(acc_a), 0.0)
         r_m = tl.where(mask_h, _relu(acc_m), 0.0)
-        for c0 in range(0, C, BLOCK_C):
+        for c0 in tl.range(0, C, BLOCK_C, num_stages=STAGES):
             offs_c = c0 + tl.arange(0, BLOCK_C)
             mask_c = offs_c < C
             wmask = mask_h[:, None] & mask_c[None, :]
@@ -125,7 +125,7 @@ def _channel_gate_fwd_kernel(
             offs_o = c0 + offs_h
             mask_o = offs_o < C
             o = tl.zeros([BLOCK_H], ACC_DTYPE)
-            for k0 in range(0, C, BLOCK_C):
+            for k0 in tl.range(0, C, BLOCK_C, num_stages=STAGES):
                 offs_k = k0 + tl.arange(0, BLOCK_C)
                 mask_k = offs_k < C
                 v = tl.load(avg_ptr + row + offs_k, mask=mask_k, other=0.0)
@@ -166,7 +166,7 @@ def _channel_gate_bwd_kernel(
     offs_h = tl.arange(0, BLOCK_H)
     mask_h = offs_h < HID
     dr = tl.zeros([BLOCK_H], ACC_DTYPE)
-    for c0 in range(0, C, BLOCK_C):
+    for c0 in tl.range(0, C, BLOCK_C, num_stages=STAGES):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
         gc = _sum_partial_rows(gc_part_ptr, n, PB, C, offs_c, mask_c, ACC_DTYPE, BLOCK_PB)
@@ -191,7 +191,7 @@ def _channel_gate_bwd_kernel(
             tl.store(dh_ptr + hrow + HID + offs_h, dh_m, mask=mask_h)
         else:
             tl.store(dh_ptr + hrow + HID + offs_h, tl.zeros([BLOCK_H], ACC_DTYPE), mask=mask_h)
-        for c0 in range(0, C, BLOCK_C):
+        for c0 in tl.range(0, C, BLOCK_C, num_stages=STAGES):
             offs_c = c0 + tl.arange(0, BLOCK_C)
             mask_c = offs_c < C
             w1 = tl.load(w1_ptr + offs_h[:, None] * C + offs_c[None, :],
@@ -214,7 +214,7 @@ def _channel_gate_bwd_kernel(
             offs_k = k0 + offs_h
             mask_k = offs_k < C
             dv = tl.zeros([BLOCK_H], ACC_DTYPE)
-            for c0 in range(0, C, BLOCK_C):
+            for c0 in tl.range(0, C, BLOCK_C, num_stages=STAGES):
                 offs_c = c0 + tl.arange(0, BLOCK_C)
                 mask_c = offs_c < C
                 dlog = tl.load(dlog_ptr + row + offs_c, mask=mask_c, other=0.0)

@@ -21,6 +21,12 @@ tensors are fine. The CPU suite runs the interpreter with that specialization
 import triton
 import triton.language as tl
 
+# Software-pipelining depth of the loops that walk weights or partial rows: with
+# tl.range(..., num_stages=STAGES) the compiler issues the loads of the next STAGES - 1
+# iterations (cp.async into shared memory) while the current one computes, so a loop of T
+# steps waits on about T / STAGES memory round trips instead of T.
+STAGES = tl.constexpr(3)
+
 # Sentinel index for "no element seen yet"; larger than any valid row length.
 NO_INDEX = 2147483647
 

@@ -13,7 +13,7 @@ and the split costs no launch.
 import triton
 import triton.language as tl
 
-from .plane import _finalize_max_stats, _plane_offsets
+from .plane import STAGES, _finalize_max_stats, _plane_offsets
 
 
 @triton.jit
@@ -55,7 +55,7 @@ def _pool_stats_kernel(
     acc_max = tl.full([BLOCK_R, BLOCK_K], float("-inf"), ACC_DTYPE)
     acc_idx = tl.full([BLOCK_R, BLOCK_K], 2147483647, tl.int32)
     acc_cnt = tl.zeros([BLOCK_R, BLOCK_K], tl.int32)
-    for k0 in range(k_start, k_end, BLOCK_K):
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end
         mask = mask_r[:, None] & mask_k[None, :]

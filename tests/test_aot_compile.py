@@ -1,5 +1,6 @@
 """Every kernel configuration the launchers can pick compiles for sm_80 and sm_90 with no
-register spills, and reads/writes the contiguous dimension 16 bytes at a time. That
+register spills, reads/writes the contiguous dimension 16 bytes at a time, and
+software-pipelines the loops that walk weights or a split of the big tensor. That
 includes the builds a launch gets when an integer argument equals 1 (C = 1, H*W = 1,
 one block, one split), which the compiler turns into a constant.
 
@@ -18,6 +19,10 @@ pytestmark = pytest.mark.skipif(
     reason="ahead-of-time builds need no GPU and run in the CPU suite (make test); the CUDA "
            "run compiles every launch it makes for real")
 
+# Kernels whose loops are software-pipelined (tl.range num_stages, kernels/plane.py STAGES):
+# their loads must come out as cp.async, or each loop step waits a full memory round trip.
+PIPELINED_KERNELS = ("_channel_gate_fwd_kernel", "_channel_gate_bwd_kernel", "_pool_stats_kernel",
+                     "_bwd_gate_sums_kernel", "_bwd_spatial_pool_kernel")
 BIG_TENSOR_KERNELS = ("_pool_stats_kernel", "_gate_apply_kernel", "_bwd_gate_sums_kernel",
                       "_bwd_spatial_pool_kernel")
 
@@ -53,5 +58,7 @@ def test_all_configs_compile_without_spills(arch, tmp_path):
         kernel = r["name"].split("[")[0]
         if kernel in BIG_TENSOR_KERNELS and "fp64" not in r["name"]:
             assert r["v4_loads"] >= 1, f"{r['name']}: no 16-byte loads"
+        if kernel in PIPELINED_KERNELS:
+            assert r["cp_async"] >= 1, f"{r['name']}: loop loads not pipelined (no cp.async)"
         if kernel == "_gate_apply_kernel" and "fp64" not in r["name"]:
             assert r["v4_stores"] >= 1, f"{r['name']}: no 16-byte stores"
