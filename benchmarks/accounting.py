@@ -12,6 +12,7 @@ from cbam_fused import CBAM, cbam_reference, plan
 from cbam_fused.accounting import (TrafficCounter, count_torch_ops, saved_for_backward,
                                    tensor_bytes)
 
+from cbam_fused.aot import DTYPE_NAME as AOT_DTYPE_NAME
 from cbam_fused.aot import SM_MAX_BLOCKS as SM_MAX_CTAS
 from cbam_fused.aot import num_warps_of as aot_num_warps
 from cbam_fused.aot import resident_ctas
@@ -102,7 +103,8 @@ def plan_rows(counter, direction, sms, aot_rows, dtype_name):
 
 
 def aot_summary(arch=90):
-    """Per kernel: worst registers, spills, shared memory, occupancy, 16-byte accesses."""
+    """Per kernel: worst registers, spills, shared memory, occupancy, 16-byte accesses, and
+    how many builds have software-pipelined (cp.async) loop loads."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "aot.json")
@@ -120,11 +122,12 @@ def aot_summary(arch=90):
         dt = r["name"].split("[")[1].split("|")[0]
         row = rows.setdefault((key, dt), dict(kernel=key, dtype=dt, builds=0, max_regs=0, spills=0,
                                               max_smem=0, min_occupancy=1.0, all_16B_loads=True,
-                                              resident_ctas=SM_MAX_CTAS))
+                                              pipelined_builds=0, resident_ctas=SM_MAX_CTAS))
         row["builds"] += 1
         row["max_regs"] = max(row["max_regs"], r["regs"])
         row["spills"] += r["spill_stores"] + r["spill_loads"]
         row["max_smem"] = max(row["max_smem"], r["smem"])
+        row["pipelined_builds"] += r.get("cp_async", 0) > 0  # loops with cp.async loads
         row["min_occupancy"] = min(row["min_occupancy"], r["occupancy"])
         row["resident_ctas"] = min(row["resident_ctas"],
                                    resident_ctas(r["regs"], r["smem"], aot_num_warps(key)))
@@ -159,8 +162,7 @@ def accounting_report(shape=(2, 64, 28, 28), dtype=torch.bfloat16):
     print_table(rows, ["impl", "fwd_triton", "fwd_torch_ops", "bwd_triton", "bwd_torch_ops",
                        "saved_for_backward"])
     aot = aot_summary(90)
-    dt = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
-          torch.float64: "fp64"}[dtype]
+    dt = AOT_DTYPE_NAME[dtype]
     print(f"   per launch, what the plan gives a {SMS}-SM GPU: programs, per SM, resident per SM "
           "(sm_90 build), waves, KiB per program, load operations per program (bounds its "
           "serial memory round trips)")
@@ -170,4 +172,4 @@ def accounting_report(shape=(2, 64, 28, 28), dtype=torch.bfloat16):
                  "kib_mean", "loads_max"])
     print("== ahead-of-time sm_90 builds of every launch configuration (ptxas -v)")
     print_table(aot, ["kernel", "dtype", "builds", "max_regs", "spills", "max_smem",
-                      "min_occupancy", "resident_ctas", "all_16B_loads"])
+                      "min_occupancy", "resident_ctas", "all_16B_loads", "pipelined_builds"])

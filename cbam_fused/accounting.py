@@ -44,9 +44,8 @@ class LaunchRecord:
     of one loop step are issued together, so a program's serial memory round trips are
     at most its load operations, and about its loop steps)."""
 
-    def __init__(self, kernel: str, num_warps: int):
+    def __init__(self, kernel: str):
         self.kernel = kernel
-        self.num_warps = num_warps
         self.bytes = []   # per program
         self.loads = []   # per program
 
@@ -95,7 +94,7 @@ class TrafficCounter:
             counter._current = counter.by_kernel.setdefault(name, PassTraffic())
             counter._current.launches += 1
             counter.order.append(name)
-            counter.launches.append(LaunchRecord(name, kwargs.get("num_warps", 4)))
+            counter.launches.append(LaunchRecord(name))
             counter.in_launch = True
             try:
                 return counter._saved_call(executor, *args, **kwargs)

@@ -37,8 +37,8 @@ from .kernels.weight_grads import _weight_grads_kernel
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ARCHS = (80, 90)
-_TL_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
-            torch.float64: "fp64"}
+DTYPE_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
+              torch.float64: "fp64"}
 # Arguments specialized as divisible by 16 (pointers are aligned, plane sizes typical).
 _DIVISIBLE_INTS = {"R", "K", "C", "P", "k_per_split", "c_per_split", "p_per_split"}
 # Integer arguments that are never 1 (multiples of a block of at least 32).
@@ -61,7 +61,7 @@ class Build:
     def name(self):
         flags = ",".join(f"{k}={_short(v)}" for k, v in self.constexprs if k != "ACC_DTYPE")
         ones = f"|{','.join(self.ones)}=1" if self.ones else ""
-        return f"{self.kernel.fn.__name__}[{_TL_NAME[self.dtype]}|{flags}{ones}]"
+        return f"{self.kernel.fn.__name__}[{DTYPE_NAME[self.dtype]}|{flags}{ones}]"
 
 
 def int_args(kernel):
@@ -110,7 +110,7 @@ def _pointer_types(kernel, dtype):
     parameters, BatchNorm buffers, parameter gradients) in the accumulation dtype, the
     dtype of a module's parameters unless the user casts them."""
     acc = "fp64" if dtype == torch.float64 else "fp32"
-    io = _TL_NAME[dtype]
+    io = DTYPE_NAME[dtype]
     types = {}
     for name in kernel.arg_names:
         if not name.endswith("_ptr"):

@@ -126,12 +126,8 @@ def reduction_plan(N, R, K, k_contig, dtype, sms, splits=None) -> Reduction:
     contig, other = tile_config(K if k_contig else R, dtype)
     block_k, block_r = (contig, other) if k_contig else (other, contig)
     r_blocks = cdiv(R, block_r)
-    k_blocks = cdiv(K, block_k)
-    if splits is None:
-        splits = splits_for(N * r_blocks, k_blocks, sms)
-    splits = max(1, min(splits, k_blocks, MAX_SPLITS))
-    k_per_split = cdiv(k_blocks, splits) * block_k
-    return Reduction(block_r, block_k, r_blocks, cdiv(K, k_per_split), k_per_split)
+    splits, k_per_split = _split_axis(K, block_k, N * r_blocks, sms, splits, MAX_SPLITS)
+    return Reduction(block_r, block_k, r_blocks, splits, k_per_split)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -90,3 +90,21 @@ def test_programs_per_launch_on_a_large_gpu(monkeypatch):
     assert b2_splits > 1 and b2 == [N * -(-C // block_c) * b2_splits]
     for rec in fwd.launches + bwd.launches:
         assert len(rec.loads) == rec.programs and min(rec.bytes) > 0, rec.kernel
+
+
+@pytest.mark.parametrize("hidden,C,tile", [(16, 256, 16), (32, 512, 16), (64, 1024, 16),
+                                           (128, 2048, 32)])
+def test_weight_gradient_tiles_of_a_large_gpu(hidden, C, tile):
+    """ResNet-50's CBAM blocks on a 132-SM GPU: 16 x 16 weight-gradient tiles while 32 x 32
+    ones would leave SMs idle (fewer than two programs per SM), 32 x 32 at C = 2048."""
+    from cbam_fused import plan as plan_module
+
+    p = plan_module.block_plan(64, C, 7, 7, hidden, True, True, 7, True, torch.bfloat16, 132)
+    assert p.wg_tile == tile
+    programs = p.wg_tiles1 + p.wg_tiles2
+    assert programs == 2 * (hidden // tile) * (C // tile)
+    if tile == 16:
+        assert 2 * (hidden // 32) * (C // 32) < 2 * 132
+    else:
+        assert programs >= 2 * 132
+    assert plan_module.weight_grad_samples(torch.bfloat16, tile) * tile * tile == 8192

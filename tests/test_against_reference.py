@@ -152,6 +152,10 @@ def test_plan_of_a_large_gpu(case, layout, device, monkeypatch):
     assert rows == (2 if N == 60 else 1)
     b2_splits, _ = plan_module.position_split(N, C, H * W, layout == "nchw", torch.float32, 132)
     assert b2_splits > 1 or H * W <= 32
+    # small weights on a large GPU: 16 x 16 weight-gradient tiles (the one-SM plan of the
+    # other tests takes 32 x 32 ones)
+    assert plan_module.weight_tile(C, True, C, 132) == plan_module.WEIGHT_TILES[0]
+    assert plan_module.weight_tile(C, True, C, 1) == plan_module.WEIGHT_TILES[-1]
     m = make_module(variant, C, device, kernel_size=kernel_size)
     x = make_input(shape, torch.float32, layout, device)
     check_pair(run_pair(m, x), torch.float32, shape, f"132 SMs {variant}/{shape}/{layout}")
