@@ -235,11 +235,15 @@ def launch_configs(dtypes=DTYPES):
         builds.append(Build(kernel, dtype, tuple(sorted(cx.items()))))
 
     for dtype in dtypes:
+        # the looped passes at both pipelining depths (plan.loop_stages); the unpipelined
+        # loop at fp32 I/O only (the same loop without cp.async)
+        stages = (PL.STAGES.value, 1) if dtype == torch.float32 else (PL.STAGES.value,)
         for k_contig, contig, other in _tile_variants(dtype):
             block_k, block_r = (contig, other) if k_contig else (other, contig)
             for has_scale in (False, True):
-                add(_pool_stats_kernel, dtype, HAS_SCALE=has_scale, K_CONTIG=k_contig,
-                    BLOCK_R=block_r, BLOCK_K=block_k)
+                for st in stages:
+                    add(_pool_stats_kernel, dtype, HAS_SCALE=has_scale, K_CONTIG=k_contig,
+                        BLOCK_R=block_r, BLOCK_K=block_k, NUM_STAGES=st)
         for p_contig, contig, other in _tile_variants(dtype):
             block_c, block_p = (other, contig) if p_contig else (contig, other)
             blk = dict(P_CONTIG=p_contig, BLOCK_C=block_c, BLOCK_P=block_p)
@@ -250,11 +254,13 @@ def launch_configs(dtypes=DTYPES):
                         HAS_BN_B=affine, TRACK=track, HAS_NBT=track,
                         BLOCK_PARTS=PL.bn_parts_block(dtype), **blk)
             for has_sa in (False, True):
-                add(_bwd_gate_sums_kernel, dtype, HAS_SA=has_sa, **blk)
+                for st in stages:
+                    add(_bwd_gate_sums_kernel, dtype, HAS_SA=has_sa, NUM_STAGES=st, **blk)
                 for amax in (False, True):
                     add(_bwd_input_kernel, dtype, HAS_SA=has_sa, AMAX=amax, **blk)
             for amax in (False, True):
-                add(_bwd_spatial_pool_kernel, dtype, AMAX=amax, **blk)
+                for st in stages:
+                    add(_bwd_spatial_pool_kernel, dtype, AMAX=amax, NUM_STAGES=st, **blk)
     acc_dtypes = sorted({torch.float32 if d != torch.float64 else d for d in dtypes}, key=str)
     for kernel, dtype, cx in _small_map_configs(acc_dtypes):
         builds.append(Build(kernel, dtype, tuple(sorted(cx.items()))))

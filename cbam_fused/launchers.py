@@ -28,8 +28,8 @@ from .kernels.weight_grads import _weight_grads_kernel
 from .launch import jit_launch
 from .plan import (CONV_GRAD_BLOCK, NUM_WARPS, SMALL_MAXNREG, SMALL_NUM_WARPS,
                    Reduction, acc_dtype, cdiv, channel_split, conv_tiles,
-                   bn_parts_block, cp_blocks, position_split, reduction_plan, sm_count,
-                   weight_grad_rows, weight_grad_samples)
+                   bn_parts_block, cp_blocks, loop_stages, position_split, reduction_plan,
+                   sm_count, weight_grad_rows, weight_grad_samples)
 
 # launch options of the small-map kernels (plan.py)
 SMALL_OPTIONS = dict(num_warps=SMALL_NUM_WARPS, maxnreg=SMALL_MAXNREG)
@@ -140,7 +140,8 @@ def pool_stats_partials(x, R: int, K: int, k_contig: bool, red: Reduction, scale
         (x, scale if scale is not None else outs[0], *outs,
          R, K, red.k_per_split, red.r_blocks, red.splits),
         dict(HAS_SCALE=scale is not None, K_CONTIG=k_contig, ACC_DTYPE=_tl_acc(x.dtype),
-             BLOCK_R=red.block_r, BLOCK_K=red.block_k, num_warps=NUM_WARPS))
+             BLOCK_R=red.block_r, BLOCK_K=red.block_k, NUM_STAGES=red.stages,
+             num_warps=NUM_WARPS))
     return outs
 
 
@@ -273,7 +274,8 @@ def bwd_gate_sums(g, x, ca, sa, p_contig: bool, splits=None, gs_part=None, gc_pa
         (g, x, ca, sa if has_sa else ca, gs_part if has_sa else gc_part, gc_part,
          C, P, c_per_split, npb, splits),
         dict(HAS_SA=has_sa, P_CONTIG=p_contig, ACC_DTYPE=_tl_acc(x.dtype),
-             BLOCK_C=block_c, BLOCK_P=block_p, num_warps=NUM_WARPS))
+             BLOCK_C=block_c, BLOCK_P=block_p, NUM_STAGES=loop_stages(c_per_split, block_c),
+             num_warps=NUM_WARPS))
     return (gs_part if has_sa else None), gc_part
 
 
@@ -296,7 +298,8 @@ def bwd_spatial_pool(x, ca, dsmean, dsmax, smax, sidx, scnt, p_contig: bool, ama
     run(_bwd_spatial_pool_kernel, (N * ncb * splits,),
         (x, ca, dsmean, dsmax, smax, sidx, scnt, out, C, P, p_per_split, ncb, splits),
         dict(AMAX=amax, P_CONTIG=p_contig, ACC_DTYPE=_tl_acc(x.dtype),
-             BLOCK_C=block_c, BLOCK_P=block_p, num_warps=NUM_WARPS))
+             BLOCK_C=block_c, BLOCK_P=block_p, NUM_STAGES=loop_stages(p_per_split, block_p),
+             num_warps=NUM_WARPS))
     return out
 
 

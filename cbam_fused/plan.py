@@ -14,6 +14,8 @@ import os
 import torch
 import triton
 
+from .kernels.plane import STAGES
+
 # Tile: TILE_ELEMENTS elements of the big tensor (half for fp64, whose doubled registers
 # spill otherwise), CONTIG_BLOCKS[i] of them along the contiguous dimension.
 TILE_ELEMENTS = 1024
@@ -97,6 +99,13 @@ def position_split(N: int, C: int, P: int, p_contig: bool, dtype, sms: int, spli
     return _split_axis(P, block_p, N * cdiv(C, block_c), sms, splits, MAX_SPLITS)
 
 
+def loop_stages(per_split: int, block: int) -> int:
+    """Software-pipelining depth of a big pass's loop over per_split elements in steps of
+    `block`: kernels/plane.py STAGES when the loop has at least that many steps, else 1
+    (a shorter loop only pays the pipeline's prologue and shared memory)."""
+    return STAGES.value if cdiv(per_split, block) >= STAGES.value else 1
+
+
 def splits_for(base_programs: int, blocks: int, sms: int) -> int:
     """Splits of a reduced axis of `blocks` tiles when a launch of base_programs programs
     would leave fewer than two programs per SM: then about BIG_PASS_PROGRAMS_PER_SM
@@ -120,6 +129,10 @@ class Reduction:
     @functools.cached_property
     def block_s(self):
         return merge_block(self.splits)
+
+    @functools.cached_property
+    def stages(self):
+        return loop_stages(self.k_per_split, self.block_k)
 
 
 def reduction_plan(N, R, K, k_contig, dtype, sms, splits=None) -> Reduction:

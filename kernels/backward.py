@@ -18,7 +18,7 @@ positions whose max is tied; elsewhere the stored argmax decides.
 import triton
 import triton.language as tl
 
-from .plane import STAGES, _plane_offsets
+from .plane import _plane_offsets
 
 
 @triton.jit
@@ -37,6 +37,7 @@ def _bwd_gate_sums_kernel(
     ACC_DTYPE: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    NUM_STAGES: tl.constexpr,  # software-pipelining depth of the loop (1: none)
 ):
     """One program owns a block of positions and a range of channels:
          gs_part[cs, p]  = sum_{c in split cs} g*x*ca[c]
@@ -56,7 +57,7 @@ def _bwd_gate_sums_kernel(
     gs = tl.zeros([BLOCK_P], ACC_DTYPE)
     c_start = cs * c_per_split
     c_end = tl.minimum(c_start + c_per_split, C)
-    for c0 in tl.range(c_start, c_end, BLOCK_C, num_stages=STAGES):
+    for c0 in tl.range(c_start, c_end, BLOCK_C, num_stages=NUM_STAGES):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < c_end
         mask = mask_c[:, None] & mask_p[None, :]
@@ -93,6 +94,7 @@ def _bwd_spatial_pool_kernel(
     ACC_DTYPE: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    NUM_STAGES: tl.constexpr,  # software-pipelining depth of the loop (1: none)
 ):
     """Gc2[c] = sum_p x[c, p] * (dsmean[p] / C + dsmax[p] * e_k[c, p])
 
@@ -114,7 +116,7 @@ def _bwd_spatial_pool_kernel(
     acc = tl.zeros([BLOCK_C, BLOCK_P], ACC_DTYPE)
     p_start = ps * p_per_split
     p_end = tl.minimum(p_start + p_per_split, P)
-    for p0 in tl.range(0, p_end - p_start, BLOCK_P, num_stages=STAGES):
+    for p0 in tl.range(0, p_end - p_start, BLOCK_P, num_stages=NUM_STAGES):
         offs_p = p_start + p0 + tl.arange(0, BLOCK_P)
         mask_p = offs_p < p_end
         mask = mask_c[:, None] & mask_p[None, :]

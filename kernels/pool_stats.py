@@ -13,7 +13,7 @@ and the split costs no launch.
 import triton
 import triton.language as tl
 
-from .plane import STAGES, _finalize_max_stats, _plane_offsets
+from .plane import _finalize_max_stats, _plane_offsets
 
 
 @triton.jit
@@ -32,6 +32,7 @@ def _pool_stats_kernel(
     ACC_DTYPE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr,  # software-pipelining depth of the K loop (1: none)
 ):
     """v[r, k] = x[r, k] * scale[k];   for each row r over k in the split:
          sum = sum_k v,  max = max_k v,  idx = min{k : v == max},  cnt = #{k : v == max}
@@ -55,7 +56,7 @@ def _pool_stats_kernel(
     acc_max = tl.full([BLOCK_R, BLOCK_K], float("-inf"), ACC_DTYPE)
     acc_idx = tl.full([BLOCK_R, BLOCK_K], 2147483647, tl.int32)
     acc_cnt = tl.zeros([BLOCK_R, BLOCK_K], tl.int32)
-    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end
         mask = mask_r[:, None] & mask_k[None, :]

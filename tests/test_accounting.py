@@ -108,3 +108,21 @@ def test_weight_gradient_tiles_of_a_large_gpu(hidden, C, tile):
     else:
         assert programs >= 2 * 132
     assert plan_module.weight_grad_samples(torch.bfloat16, tile) * tile * tile == 8192
+
+
+def test_loops_are_pipelined_only_when_long_enough():
+    """The split passes pipeline their loop (cp.async, kernels/plane.py STAGES deep) only
+    when it has at least STAGES steps: ResNet-50's first CBAM site on a 132-SM GPU
+    pipelines F1 (H*W = 3136 positions per channel row) but not F2 in channels_last
+    (256 channels: two steps of 128)."""
+    from cbam_fused import plan as plan_module
+
+    stages = plan_module.STAGES.value
+    assert stages > 1
+    assert plan_module.loop_stages(stages * 128, 128) == stages
+    assert plan_module.loop_stages((stages - 1) * 128, 128) == 1
+    for p_contig in (True, False):
+        p = plan_module.block_plan(64, 256, 56, 56, 16, True, True, 7, p_contig,
+                                   torch.bfloat16, 132)
+        assert p.f1.stages == stages
+        assert p.f2.stages == (stages if p_contig else 1)

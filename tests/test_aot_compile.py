@@ -58,7 +58,7 @@ def test_all_configs_compile_without_spills(arch, tmp_path):
         kernel = r["name"].split("[")[0]
         if kernel in BIG_TENSOR_KERNELS and "fp64" not in r["name"]:
             assert r["v4_loads"] >= 1, f"{r['name']}: no 16-byte loads"
-        if kernel in PIPELINED_KERNELS:
+        if kernel in PIPELINED_KERNELS and "NUM_STAGES=1" not in r["name"]:
             assert r["cp_async"] >= 1, f"{r['name']}: loop loads not pipelined (no cp.async)"
         if kernel == "_gate_apply_kernel" and "fp64" not in r["name"]:
             assert r["v4_stores"] >= 1, f"{r['name']}: no 16-byte stores"
