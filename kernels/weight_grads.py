@@ -112,12 +112,13 @@ def _weight_grads_kernel(
         bacc = tl.zeros([BLOCK_R], ACC_DTYPE)
         for n0 in range(0, N, BLOCK_N):
             d = _sample_rows(dlog_ptr, n0, N, C, offs_r, mask_r, BLOCK_N)
-            r_a = _relu(_sample_rows(h_ptr, n0, N, 2 * HID, offs_k, mask_k, BLOCK_N))
-            acc += _outer_sum(d, r_a)
+            r = _relu(_sample_rows(h_ptr, n0, N, 2 * HID, offs_k, mask_k, BLOCK_N))
+            if POOL == 0:
+                # both branches share dlogits: d r_a + d r_m = d (r_a + r_m), one product
+                r += _relu(_sample_rows(h_ptr + HID, n0, N, 2 * HID, offs_k, mask_k, BLOCK_N))
+            acc += _outer_sum(d, r)
             bacc += tl.sum(d, 0)
             if POOL == 0:
-                r_m = _relu(_sample_rows(h_ptr + HID, n0, N, 2 * HID, offs_k, mask_k, BLOCK_N))
-                acc += _outer_sum(d, r_m)
                 bacc += tl.sum(d, 0)
         tl.store(dw2_ptr + offs_r[:, None].to(tl.int64) * HID + offs_k[None, :],
                  acc.to(dw2_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_k[None, :])
