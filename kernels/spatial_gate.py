@@ -31,7 +31,7 @@ writes.
 import triton
 import triton.language as tl
 
-from .plane import _combine_moments, _combined_stats, _scalar, _sum_pairs, _sum_partial_rows
+from .plane import STAGES, _combine_moments, _combined_stats, _scalar, _sum_pairs, _sum_partial_rows
 
 
 @triton.jit
@@ -113,7 +113,7 @@ def _spatial_gate_fwd_kernel(
     row = n.to(tl.int64) * P
     slab = slab_ptr + pid.to(tl.int64) * 2 * SLAB - e0   # indexed by flat position
     KK: tl.constexpr = KSIZE * KSIZE
-    for p0 in range(e0, e1, BLOCK_P):
+    for p0 in tl.range(e0, e1, BLOCK_P, num_stages=STAGES):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         mask_p = offs_p < e1
         total, m, idx, cnt = _combined_stats(psum_ptr, pmax_ptr, pidx_ptr, pcnt_ptr,
@@ -143,7 +143,7 @@ def _spatial_gate_fwd_kernel(
     t = tl.arange(0, KK_PAD)
     w0 = tl.load(convw_ptr + t, mask=t < KK, other=0.0).to(ACC_DTYPE)
     w1 = tl.load(convw_ptr + KK + t, mask=(t < KK) & (POOL_ORDER != 2), other=0.0).to(ACC_DTYPE)
-    for p0 in range(o0, o1, BLOCK_Q):
+    for p0 in tl.range(o0, o1, BLOCK_Q, num_stages=STAGES):
         offs_p = p0 + tl.arange(0, BLOCK_Q)
         mask_p = offs_p < o1
         # every tap of every position in one gather: [BLOCK_Q, KK_PAD]
