@@ -311,16 +311,21 @@ def weight_grad_samples(dtype, tile: int) -> int:
     return max(1, products // (tile * tile))
 
 
+def weight_grad_grid(hidden: int, two_layers: bool, C: int, tile: int):
+    """(tiles of W1, tiles of W2, row blocks of W1, row blocks of W2) of the weight-gradient
+    kernel with tile x tile tiles: W1 is [hidden, C] (two layers) or [C, C], W2 [C, hidden]."""
+    rows1 = cdiv(hidden if two_layers else C, tile)
+    rows2 = cdiv(C, tile) if two_layers else 0
+    return rows1 * cdiv(C, tile), rows2 * cdiv(hidden, tile), rows1, rows2
+
+
 def weight_tile(hidden: int, two_layers: bool, C: int, sms: int) -> int:
     """The largest of WEIGHT_TILES whose tiles of W1 and W2 still give every SM two
     programs (a tile loops over the samples; fewer, bigger tiles at large C keep the
     launch one wave and the interpreter fast), else the smallest."""
-    rows1 = hidden if two_layers else C
     for tile in reversed(WEIGHT_TILES):
-        tiles = cdiv(rows1, tile) * cdiv(C, tile)
-        if two_layers:
-            tiles += cdiv(C, tile) * cdiv(hidden, tile)
-        if tiles >= 2 * sms:
+        tiles1, tiles2, _, _ = weight_grad_grid(hidden, two_layers, C, tile)
+        if tiles1 + tiles2 >= 2 * sms:
             return tile
     return WEIGHT_TILES[0]
 
@@ -388,10 +393,7 @@ def block_plan(N: int, C: int, H: int, W: int, hidden: int, two_layers: bool, sp
     bwd_block_pb = min(8, merge_block(p_blocks))  # merged 8 at a time at most (a loop)
     phi_bwd_block_c = phi_bwd_tiles(hidden, two_layers, bwd_block_pb, dtype)[0]
     wg_tile = weight_tile(hidden, two_layers, C, sms)
-    rows1 = cdiv(hidden if two_layers else C, wg_tile)
-    rows2 = cdiv(C, wg_tile) if two_layers else 0
-    tiles1 = rows1 * cdiv(C, wg_tile)
-    tiles2 = rows2 * cdiv(hidden, wg_tile) if two_layers else 0
+    tiles1, tiles2, rows1, rows2 = weight_grad_grid(hidden, two_layers, C, wg_tile)
     rows = psi_rows(N, H, sms)
     return BlockPlan(N, C, H, W, hidden, two_layers, spatial, kernel_size if spatial else 0,
                      p_contig, dtype, f1, f2, block_c, block_p,
