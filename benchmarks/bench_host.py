@@ -53,7 +53,7 @@ def stubs(request):
 def _plan_key(m, w, xd, p_contig):
     plan = plan_for(xd, m.spec, w, p_contig)
     return (plan.N, plan.C, plan.H, plan.W, plan.hidden, plan.two_layers, plan.spatial,
-            plan.p_contig, plan.dtype, 132)
+            plan.kernel_size, plan.p_contig, plan.dtype, 132)
 
 
 @pytest.mark.benchmark(group="host-launch-plan")

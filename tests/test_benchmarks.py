@@ -57,6 +57,17 @@ def test_collects_the_whole_matrix_and_the_host_cases():
     assert len(host) == 12  # the glue, module and training-step cases on two launch paths
 
 
+def test_every_host_case_runs():
+    """`make run` times the host cases; each one runs once here (timing off), so a case
+    that no longer matches the code it calls fails the suite, not the main job."""
+    res = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/bench_host.py", "-q",
+                          "-p", "no:cacheprovider", "--benchmark-disable"], cwd=ROOT,
+                         env=_env(TRITON_INTERPRET="1"), capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "12 passed" in res.stdout, res.stdout[-3000:]
+
+
 def test_marks_select_the_headline_and_quick_cases():
     headline = _block_ids(_collect("-m", "headline"))
     expected = {f"{d}-bf16-{lay}-{n}x{s}-{i}" for d, lay, n, s, i in itertools.product(
