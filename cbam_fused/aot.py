@@ -40,9 +40,10 @@ ARCHS = (80, 90)
 DTYPE_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
               torch.float64: "fp64"}
 # Arguments specialized as divisible by 16 (pointers are aligned, plane sizes typical).
-_DIVISIBLE_INTS = {"R", "K", "C", "P", "k_per_split", "c_per_split", "p_per_split"}
-# Integer arguments that are never 1 (multiples of a block of at least 32).
-_NEVER_ONE = {"k_per_split", "c_per_split", "p_per_split", "CG"}
+_DIVISIBLE_INTS = {"R", "K", "C", "P", "k_per_split", "c_per_split", "p_per_split",
+                   "p_per_program"}
+# Integer arguments that are never 1 (multiples of a block of at least 8).
+_NEVER_ONE = {"k_per_split", "c_per_split", "p_per_split", "p_per_program", "CG"}
 
 
 # H100 SM limits, for the theoretical occupancy column.
@@ -250,14 +251,16 @@ def launch_configs(dtypes=DTYPES):
             for sa_mode in (0, 1, 2):
                 for affine, track in ([(False, False)] if sa_mode < 2 else
                                       [(False, False), (True, True)]):
-                    add(_gate_apply_kernel, dtype, SA_MODE=sa_mode, HAS_BN_W=affine,
-                        HAS_BN_B=affine, TRACK=track, HAS_NBT=track,
-                        BLOCK_PARTS=PL.bn_parts_block(dtype), **blk)
+                    for loop in (False, True):
+                        add(_gate_apply_kernel, dtype, SA_MODE=sa_mode, HAS_BN_W=affine,
+                            HAS_BN_B=affine, TRACK=track, HAS_NBT=track, LOOP=loop,
+                            BLOCK_PARTS=PL.bn_parts_block(dtype), **blk)
             for has_sa in (False, True):
                 for st in stages:
                     add(_bwd_gate_sums_kernel, dtype, HAS_SA=has_sa, NUM_STAGES=st, **blk)
                 for amax in (False, True):
-                    add(_bwd_input_kernel, dtype, HAS_SA=has_sa, AMAX=amax, **blk)
+                    for loop in (False, True):
+                        add(_bwd_input_kernel, dtype, HAS_SA=has_sa, AMAX=amax, LOOP=loop, **blk)
             for amax in (False, True):
                 for st in stages:
                     add(_bwd_spatial_pool_kernel, dtype, AMAX=amax, NUM_STAGES=st, **blk)

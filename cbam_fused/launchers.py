@@ -28,8 +28,8 @@ from .kernels.weight_grads import _weight_grads_kernel
 from .launch import jit_launch
 from .plan import (CONV_GRAD_BLOCK, NUM_WARPS, SMALL_MAXNREG, SMALL_NUM_WARPS,
                    Reduction, acc_dtype, cdiv, channel_split, conv_tiles,
-                   bn_parts_block, cp_blocks, loop_stages, position_split, reduction_plan,
-                   sm_count, weight_grad_rows, weight_grad_samples)
+                   bn_parts_block, cp_blocks, elementwise_position_groups, loop_stages, position_split,
+                   reduction_plan, sm_count, weight_grad_rows, weight_grad_samples)
 
 # launch options of the small-map kernels (plan.py)
 SMALL_OPTIONS = dict(num_warps=SMALL_NUM_WARPS, maxnreg=SMALL_MAXNREG)
@@ -215,20 +215,33 @@ def big_pass_tiles(x, p_contig: bool, plan=None):
     return block_c, block_p, cdiv(C, block_c), cdiv(H * W, block_p)
 
 
+def elementwise_groups(x, p_contig: bool, plan=None, blocks_per_program=None):
+    """(position groups, positions per program) of F3 and B3 over x: the plan's when
+    given, else computed from x (with `blocks_per_program` position blocks if given)."""
+    if plan is not None:
+        return plan.ew_groups, plan.ew_p_per_program
+    N, C, H, W = x.shape
+    return elementwise_position_groups(N, C, H * W, p_contig, x.dtype, sm_count(x.device),
+                                       blocks_per_program)
+
+
 def gate_apply(x, ca, p_contig: bool, sa=None, u=None, mom=None, num_parts=0, bn_stats=None,
-               w=None, eps=0.0, momentum=0.0, track=False, out=None, plan=None, run=jit_launch):
+               w=None, eps=0.0, momentum=0.0, track=False, out=None, plan=None,
+               blocks_per_program=None, run=jit_launch):
     """F3: out = x * ca * sa, in x's dtype and layout (into `out` when given).
 
     sa given: the spatial gate; u and mom given (batch-statistics BatchNorm): sa is made
     here from u and the combined moments, stored into `sa` (required then), and the
     running statistics in w are updated when `track`. Neither: channel gate only.
-    `plan`: the block's plan, whose tiles are those of x (else computed here).
+    `plan`: the block's plan, whose tiles and position groups are used (else computed
+    here, with `blocks_per_program` position blocks per program if given).
     """
     N, C, H, W = x.shape
     P = H * W
     if out is None:
         out = torch.empty_like(x)
-    block_c, block_p, ncb, npb = big_pass_tiles(x, p_contig, plan)
+    block_c, block_p, ncb, _ = big_pass_tiles(x, p_contig, plan)
+    groups, p_per_program = elementwise_groups(x, p_contig, plan, blocks_per_program)
     sa_mode = 2 if mom is not None else (1 if sa is not None else 0)
     dummy = ca
     bnw = bnb = rm = rv = nbt = None
@@ -237,15 +250,16 @@ def gate_apply(x, ca, p_contig: bool, sa=None, u=None, mom=None, num_parts=0, bn
                                  w.bn_num_batches_tracked)
     eps_hi, eps_lo = f64_pair(eps)
     mom_hi, mom_lo = f64_pair(momentum)
-    run(_gate_apply_kernel, (N * ncb * npb,),
+    run(_gate_apply_kernel, (N * ncb * groups,),
         (x, ca, _or(sa, dummy), _or(u, dummy), _or(mom, dummy), _or(bnw, dummy), _or(bnb, dummy),
          _or(rm, dummy), _or(rv, dummy), _or(nbt, dummy), _or(bn_stats, dummy), out,
-         C, P, ncb, npb, num_parts, eps_hi, eps_lo, mom_hi, mom_lo),
+         C, P, ncb, groups, p_per_program, num_parts, eps_hi, eps_lo, mom_hi, mom_lo),
         dict(SA_MODE=sa_mode, BLOCK_PARTS=bn_parts_block(x.dtype),
              HAS_BN_W=bnw is not None, HAS_BN_B=bnb is not None,
              TRACK=bool(track and rm is not None), HAS_NBT=bool(track and nbt is not None),
              P_CONTIG=p_contig, ACC_DTYPE=_tl_acc(x.dtype),
-             BLOCK_C=block_c, BLOCK_P=block_p, num_warps=NUM_WARPS))
+             BLOCK_C=block_c, BLOCK_P=block_p, LOOP=p_per_program > block_p,
+             num_warps=NUM_WARPS))
     return out
 
 
@@ -304,12 +318,14 @@ def bwd_spatial_pool(x, ca, dsmean, dsmax, smax, sidx, scnt, p_contig: bool, ama
 
 
 def bwd_input(g, x, ca, sa, dsmean, dsmax, smax, sidx, scnt, davg, dmx, mx, cidx, ccnt,
-              p_contig: bool, amax: bool, dx=None, plan=None, run=jit_launch):
+              p_contig: bool, amax: bool, dx=None, plan=None, blocks_per_program=None,
+              run=jit_launch):
     """B3: dx = (g*sa + dsmean/C + dsmax*e_k)*ca + davg/P + dmx*e_j, in g's dtype and layout
     (into `dx` when given).
 
     Without a spatial gate pass sa (and the spatial tensors) as None. `plan`: the block's
-    plan, whose tiles are used (else computed here).
+    plan, whose tiles and position groups are used (else computed here, with
+    `blocks_per_program` position blocks per program if given).
     """
     N, C, H, W = x.shape
     P = H * W
@@ -318,10 +334,12 @@ def bwd_input(g, x, ca, sa, dsmean, dsmax, smax, sidx, scnt, davg, dmx, mx, cidx
     block_c, block_p, ncb, npb = big_pass_tiles(x, p_contig, plan)
     has_sa = sa is not None
     sp = (sa, dsmean, dsmax, smax, sidx, scnt) if has_sa else (ca, ca, ca, ca, cidx, ccnt)
-    run(_bwd_input_kernel, (N * ncb * npb,),
-        (g, x, ca, *sp, davg, dmx, mx, cidx, ccnt, dx, C, P, ncb, npb),
+    groups, p_per_program = elementwise_groups(x, p_contig, plan, blocks_per_program)
+    run(_bwd_input_kernel, (N * ncb * groups,),
+        (g, x, ca, *sp, davg, dmx, mx, cidx, ccnt, dx, C, P, ncb, groups, p_per_program),
         dict(HAS_SA=has_sa, AMAX=amax, P_CONTIG=p_contig, ACC_DTYPE=_tl_acc(x.dtype),
-             BLOCK_C=block_c, BLOCK_P=block_p, num_warps=NUM_WARPS))
+             BLOCK_C=block_c, BLOCK_P=block_p, LOOP=p_per_program > block_p,
+             num_warps=NUM_WARPS))
     return dx
 
 

@@ -35,6 +35,10 @@ WEIGHT_TILES = (16, 32)  # rows and columns of a weight-gradient tile (plan.weig
 WEIGHT_GRAD_PRODUCTS = 8192  # samples x rows x columns summed per step of a weight-gradient
                              # tile (half for fp64): 32 samples of a 16 x 16 tile
 CONV_GRAD_BLOCK = 128  # conv-gradient entries summed at once (7x7, two maps, bias: 99)
+# The elementwise passes (F3, B3): position blocks one program loops over, while the launch
+# keeps at least EW_MIN_PROGRAMS_PER_SM programs per SM (elementwise_position_groups)
+EW_BLOCKS_PER_PROGRAM = 4
+EW_MIN_PROGRAMS_PER_SM = 16
 BN_PARTS_BLOCK = 256  # BatchNorm partial rows combined at once (one row per psi program;
                       # half for fp64, which spills in F3 on sm_80 otherwise)
 
@@ -103,6 +107,27 @@ def position_split(N: int, C: int, P: int, p_contig: bool, dtype, sms: int, spli
     return _split_axis(P, block_p, N * cdiv(C, block_c), sms, splits, MAX_SPLITS)
 
 
+def elementwise_position_groups(N: int, C: int, P: int, p_contig: bool, dtype, sms: int,
+                                blocks_per_program=None):
+    """(groups, positions per group) of the position axis of F3 and B3, which read and
+    write each element once with no reduction: a program that computes one tile waits a
+    round trip for one tile. A program loops over EW_BLOCKS_PER_PROGRAM position blocks
+    (or all of them, if fewer), pipelined, reading its channel rows once, when that loop
+    has at least STAGES steps (a shorter one waits a round trip per step) and the launch
+    keeps at least EW_MIN_PROGRAMS_PER_SM programs per SM; else one block. Or over the
+    requested number of blocks."""
+    block_c, block_p = cp_blocks(C, P, p_contig, dtype)
+    blocks = cdiv(P, block_p)
+    per = blocks_per_program
+    if per is None:
+        per = min(EW_BLOCKS_PER_PROGRAM, blocks)
+        if (per < STAGES.value
+                or N * cdiv(C, block_c) * cdiv(blocks, per) < EW_MIN_PROGRAMS_PER_SM * sms):
+            per = 1
+    per_program = max(1, min(per, blocks)) * block_p
+    return cdiv(P, per_program), per_program
+
+
 def loop_stages(per_split: int, block: int) -> int:
     """Software-pipelining depth of a big pass's loop over per_split elements in steps of
     `block`: kernels/plane.py STAGES when the loop has at least that many steps, else 1
@@ -169,6 +194,8 @@ class BlockPlan:
     b1_c_per_split: int
     b2_splits: int       # B2: position splits (rows of Gc2 partials)
     b2_p_per_split: int
+    ew_groups: int       # F3, B3: position groups (programs per sample and channel block)
+    ew_p_per_program: int
     phi_block_c: int
     phi_block_h: int
     phi_bwd_block_c: int
@@ -387,6 +414,7 @@ def block_plan(N: int, C: int, H: int, W: int, hidden: int, two_layers: bool, sp
     c_blocks, p_blocks = cdiv(C, block_c), cdiv(P, block_p)
     b1_splits, b1_c_per_split = channel_split(N, C, P, p_contig, dtype, sms)
     b2_splits, b2_p_per_split = position_split(N, C, P, p_contig, dtype, sms)
+    ew_groups, ew_p_per_program = elementwise_position_groups(N, C, P, p_contig, dtype, sms)
 
     if two_layers and hidden > MAX_HIDDEN:
         raise ValueError(f"cbam_fused: the channel MLP's hidden size is at most {MAX_HIDDEN}, "
@@ -402,7 +430,8 @@ def block_plan(N: int, C: int, H: int, W: int, hidden: int, two_layers: bool, sp
     return BlockPlan(N, C, H, W, hidden, two_layers, spatial, kernel_size if spatial else 0,
                      p_contig, dtype, f1, f2, block_c, block_p,
                      c_blocks, p_blocks, b1_splits, b1_c_per_split, b2_splits, b2_p_per_split,
-                     phi_block_c, phi_block_h, phi_bwd_block_c, psi_block, rows, cdiv(H, rows),
+                     ew_groups, ew_p_per_program, phi_block_c, phi_block_h, phi_bwd_block_c,
+                     psi_block, rows, cdiv(H, rows),
                      bwd_block_pb,
                      bwd_block_cs, min(8, merge_block(b2_splits)), tiles1, tiles2,
                      rows1, rows2, wg_tile)

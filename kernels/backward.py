@@ -18,7 +18,7 @@ positions whose max is tied; elsewhere the stored argmax decides.
 import triton
 import triton.language as tl
 
-from .plane import _plane_offsets
+from .plane import STAGES, _plane_offsets
 
 
 @triton.jit
@@ -138,65 +138,27 @@ def _bwd_spatial_pool_kernel(
 
 
 @triton.jit
-def _bwd_input_kernel(
-    g_ptr,       # [N, C x P plane], input dtype
-    x_ptr,       # [N, C x P plane], input dtype (read only at tied maxima, AMAX)
-    ca_ptr,      # [N, C] ACC_DTYPE
-    sa_ptr,      # [N, P] ACC_DTYPE (HAS_SA)
-    dsmean_ptr,  # [N, P] ACC_DTYPE (HAS_SA)
-    dsmax_ptr,   # [N, P] ACC_DTYPE (HAS_SA)
-    smax_ptr,    # [N, P] ACC_DTYPE (HAS_SA and AMAX)
-    sidx_ptr,    # [N, P] int32     (HAS_SA)
-    scnt_ptr,    # [N, P] int32     (HAS_SA and AMAX)
-    davg_ptr,    # [N, C] ACC_DTYPE dL/davg
-    dmx_ptr,     # [N, C] ACC_DTYPE dL/dmx
-    mx_ptr,      # [N, C] ACC_DTYPE channel max of x (AMAX)
-    cidx_ptr,    # [N, C] int32     first position reaching it
-    ccnt_ptr,    # [N, C] int32     number of positions reaching it (AMAX)
-    dx_ptr,      # [N, C x P plane], input dtype, same layout as g
-    C, P, num_c_blocks, num_p_blocks,
-    HAS_SA: tl.constexpr,
-    AMAX: tl.constexpr,
-    P_CONTIG: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+def _bwd_input_tile(
+    g_ptr, x_ptr, sa_ptr, dsmean_ptr, dsmax_ptr, smax_ptr, sidx_ptr, scnt_ptr, dx_ptr,
+    n, C, P, p0, p_end, offs_c, mask_c, ca, davg, dmx, mx, cidx, ccnt, inv_c, inv_p,
+    HAS_SA: tl.constexpr, AMAX: tl.constexpr, P_CONTIG: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """dx = (g*sa + dsmean/C + dsmax*e_k) * ca + davg/P + dmx*e_j"""
-    pid = tl.program_id(0)
-    inv_c = 1.0 / tl.cast(C, ACC_DTYPE)  # one division per program, not per element
-    inv_p = 1.0 / tl.cast(P, ACC_DTYPE)
-    if P_CONTIG:
-        pb = pid % num_p_blocks
-        cb = (pid // num_p_blocks) % num_c_blocks
-    else:
-        cb = pid % num_c_blocks
-        pb = (pid // num_c_blocks) % num_p_blocks
-    n = pid // (num_c_blocks * num_p_blocks)
-
-    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_c = offs_c < C
-    mask_p = offs_p < P
+    """dx of one tile: the channel block of offs_c (rows ca ... ccnt, read by the caller)
+    and the positions p0 .. p0 + BLOCK_P (before p_end)."""
+    offs_p = p0 + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < p_end
     mask = mask_c[:, None] & mask_p[None, :]
     plane = n.to(tl.int64) * C * P + _plane_offsets(offs_c, offs_p, C, P, P_CONTIG)
-    crow = n.to(tl.int64) * C + offs_c
     prow = n.to(tl.int64) * P + offs_p
-
     g = tl.load(g_ptr + plane, mask=mask, other=0.0).to(ACC_DTYPE)
-    ca = tl.load(ca_ptr + crow, mask=mask_c, other=0.0)
-    davg = tl.load(davg_ptr + crow, mask=mask_c, other=0.0)
-    dmx = tl.load(dmx_ptr + crow, mask=mask_c, other=0.0)
-    cidx = tl.load(cidx_ptr + crow, mask=mask_c, other=-1)
     if AMAX:
-        ccnt = tl.load(ccnt_ptr + crow, mask=mask_c, other=1)
         need_x = ccnt[:, None] > 1
         if HAS_SA:
             scnt = tl.load(scnt_ptr + prow, mask=mask_p, other=1)
             need_x = need_x | (scnt[None, :] > 1)
         # Masked-off lanes issue no memory traffic: x is read only at ties.
         x = tl.load(x_ptr + plane, mask=mask & need_x, other=0.0).to(ACC_DTYPE)
-
     if HAS_SA:
         sa = tl.load(sa_ptr + prow, mask=mask_p, other=0.0)
         dsm = tl.load(dsmean_ptr + prow, mask=mask_p, other=0.0)
@@ -213,8 +175,77 @@ def _bwd_input_kernel(
         dy = g
     ej = tl.where(offs_p[None, :] == cidx[:, None], 1.0, 0.0)
     if AMAX:
-        mx = tl.load(mx_ptr + crow, mask=mask_c, other=0.0)
         tied_c = ccnt[:, None] > 1
-        ej = tl.where(tied_c, tl.where(x == mx[:, None], 1.0 / ccnt.to(ACC_DTYPE)[:, None], 0.0), ej)
+        ej = tl.where(tied_c, tl.where(x == mx[:, None], 1.0 / ccnt.to(ACC_DTYPE)[:, None], 0.0),
+                      ej)
     dx = dy * ca[:, None] + (davg * inv_p)[:, None] + dmx[:, None] * ej
     tl.store(dx_ptr + plane, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_input_kernel(
+    g_ptr,       # [N, C x P plane], input dtype
+    x_ptr,       # [N, C x P plane], input dtype (read only at tied maxima, AMAX)
+    ca_ptr,      # [N, C] ACC_DTYPE
+    sa_ptr,      # [N, P] ACC_DTYPE (HAS_SA)
+    dsmean_ptr,  # [N, P] ACC_DTYPE (HAS_SA)
+    dsmax_ptr,   # [N, P] ACC_DTYPE (HAS_SA)
+    smax_ptr,    # [N, P] ACC_DTYPE (HAS_SA and AMAX)
+    sidx_ptr,    # [N, P] int32     (HAS_SA)
+    scnt_ptr,    # [N, P] int32     (HAS_SA and AMAX)
+    davg_ptr,    # [N, C] ACC_DTYPE dL/davg
+    dmx_ptr,     # [N, C] ACC_DTYPE dL/dmx
+    mx_ptr,      # [N, C] ACC_DTYPE channel max of x (AMAX)
+    cidx_ptr,    # [N, C] int32     first position reaching it
+    ccnt_ptr,    # [N, C] int32     number of positions reaching it (AMAX)
+    dx_ptr,      # [N, C x P plane], input dtype, same layout as g
+    C, P, num_c_blocks, num_p_groups,
+    p_per_program,  # positions of one program: BLOCK_P, or a multiple of it (LOOP)
+    HAS_SA: tl.constexpr,
+    AMAX: tl.constexpr,
+    P_CONTIG: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    LOOP: tl.constexpr,  # several position blocks per program, in a pipelined loop
+):
+    """dx = (g*sa + dsmean/C + dsmax*e_k) * ca + davg/P + dmx*e_j
+
+    A program takes one channel block and p_per_program positions: the channel rows
+    (ca, davg, dmx, argmax) are read once; with LOOP, the loop over its position blocks
+    keeps the next tiles' loads in flight while the current one is computed."""
+    pid = tl.program_id(0)
+    inv_c = 1.0 / tl.cast(C, ACC_DTYPE)  # one division per program, not per element
+    inv_p = 1.0 / tl.cast(P, ACC_DTYPE)
+    if P_CONTIG:
+        pg = pid % num_p_groups
+        cb = (pid // num_p_groups) % num_c_blocks
+    else:
+        cb = pid % num_c_blocks
+        pg = (pid // num_c_blocks) % num_p_groups
+    n = pid // (num_c_blocks * num_p_groups)
+
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    crow = n.to(tl.int64) * C + offs_c
+    ca = tl.load(ca_ptr + crow, mask=mask_c, other=0.0)
+    davg = tl.load(davg_ptr + crow, mask=mask_c, other=0.0)
+    dmx = tl.load(dmx_ptr + crow, mask=mask_c, other=0.0)
+    cidx = tl.load(cidx_ptr + crow, mask=mask_c, other=-1)
+    ccnt = cidx
+    mx = ca
+    if AMAX:
+        ccnt = tl.load(ccnt_ptr + crow, mask=mask_c, other=1)
+        mx = tl.load(mx_ptr + crow, mask=mask_c, other=0.0)
+    p_start = pg * p_per_program
+    p_end = tl.minimum(p_start + p_per_program, P)
+    if LOOP:
+        for p0 in tl.range(p_start, p_end, BLOCK_P, num_stages=STAGES):
+            _bwd_input_tile(g_ptr, x_ptr, sa_ptr, dsmean_ptr, dsmax_ptr, smax_ptr, sidx_ptr,
+                            scnt_ptr, dx_ptr, n, C, P, p0, p_end, offs_c, mask_c, ca, davg, dmx,
+                            mx, cidx, ccnt, inv_c, inv_p, HAS_SA, AMAX, P_CONTIG, ACC_DTYPE,
+                            BLOCK_P)
+    else:
+        _bwd_input_tile(g_ptr, x_ptr, sa_ptr, dsmean_ptr, dsmax_ptr, smax_ptr, sidx_ptr,
+                        scnt_ptr, dx_ptr, n, C, P, p_start, p_end, offs_c, mask_c, ca, davg, dmx,
+                        mx, cidx, ccnt, inv_c, inv_p, HAS_SA, AMAX, P_CONTIG, ACC_DTYPE, BLOCK_P)

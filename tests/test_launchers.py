@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import cbam_fused.launchers as L
+from cbam_fused.spec import CBAMWeights
 
 from helpers import assert_close
 
@@ -103,6 +104,8 @@ def test_bwd_gate_sums(splits, layout, has_sa, device):
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("splits", [1, 3])
 def test_bwd_spatial_pool_and_input(amax, layout, splits, device):
+    """B2 with `splits` position splits; B3 with `splits` position blocks per program (NCHW:
+    both blocks in one program; channels_last: 3 + 2 blocks, a loop and a short last one)."""
     N, C, H, W = 2, 19, 13, 11   # H*W = 143: two position blocks in NCHW, five in channels_last
     P = H * W
     p_contig = layout == "nchw"
@@ -137,6 +140,58 @@ def test_bwd_spatial_pool_and_input(amax, layout, splits, device):
     assert gc2.shape[1] == (1 if splits == 1 else (2 if p_contig else 3))
     assert_close(gc2.double().sum(1), gc2_ref, torch.float32, P, "Gc2")
     dx = L.bwd_input(g, x, ca, sa, dsmean, dsmax, smax, sidx, scnt, davg, dmx, cmax, cidx, ccnt,
-                     p_contig, amax)
+                     p_contig, amax, blocks_per_program=splits)
     assert dx.is_contiguous(memory_format=torch.contiguous_format if p_contig else torch.channels_last)
     assert_close(dx.reshape(N, C, P), ref_dx, torch.float32, C, "dx")
+
+
+@pytest.mark.parametrize("sa_mode", [0, 1, 2])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_gate_apply(sa_mode, layout, blocks, device):
+    """F3 on its own, with `blocks` position blocks per program (3: one program over both
+    NCHW blocks; channels_last: 3 + 2 blocks, a loop and a short last one): out = x*ca*sa,
+    and in batch-statistics mode (sa_mode 2) sa from u and moment rows, the statistics
+    used and the running-statistics update, against float64."""
+    N, C, H, W = 2, 19, 13, 11   # H*W = 143: two position blocks in NCHW, five in channels_last
+    P, eps, momentum = H * W, 1e-5, 0.1
+    p_contig = layout == "nchw"
+    x = torch.randn(N, C, H, W, device=device)
+    if not p_contig:
+        x = x.to(memory_format=torch.channels_last)
+    ca = torch.rand(N, C, device=device)
+    sa = torch.rand(N, P, device=device)
+    u = torch.randn(N, P, device=device) * 2 + 0.5
+    xd, cad, sad, ud = (t.double().cpu() for t in (x, ca, sa, u))
+    kw = {}
+    if sa_mode == 1:
+        kw = dict(sa=sa)
+    elif sa_mode == 2:
+        # (count, mean, M2) rows of three parts of u, as the spatial-map programs write them
+        parts = ud.flatten().tensor_split(3)
+        mom = torch.tensor([[len(q), q.mean(), ((q - q.mean()) ** 2).sum()] for q in parts],
+                           dtype=torch.float32, device=device)
+        bn_w, bn_b = torch.tensor([1.5], device=device), torch.tensor([-0.25], device=device)
+        rm, rv = torch.zeros(1, device=device), torch.ones(1, device=device)
+        nbt = torch.zeros((), dtype=torch.long, device=device)
+        w = CBAMWeights(None, None, None, None, None, None, bn_w, bn_b, rm, rv, nbt, True)
+        sa_out, bn_stats = torch.empty(N, P, device=device), torch.empty(3, device=device)
+        kw = dict(sa=sa_out, u=u, mom=mom, num_parts=3, bn_stats=bn_stats, w=w, track=True)
+        mean, var = ud.mean(), ud.var(unbiased=False)
+        sad = torch.sigmoid((ud - mean) / torch.sqrt(var + eps) * 1.5 - 0.25)
+    out = L.gate_apply(x, ca, p_contig, eps=eps, momentum=momentum,
+                       blocks_per_program=blocks, **kw)
+    ref = xd * cad[:, :, None, None]
+    if sa_mode:
+        ref = ref * sad.reshape(N, 1, H, W)
+    assert out.stride() == x.stride()
+    assert_close(out, ref, torch.float32, 1, "out")
+    if sa_mode == 2:
+        assert_close(sa_out, sad, torch.float32, N * P, "sa")
+        assert_close(bn_stats[:2], torch.stack([mean, 1 / torch.sqrt(var + eps)]),
+                     torch.float32, N * P, "bn statistics")
+        assert float(bn_stats[2]) == N * P
+        assert_close(rm, momentum * mean.reshape(1), torch.float32, N * P, "running mean")
+        assert_close(rv, (1 - momentum) + momentum * ud.var(unbiased=True).reshape(1),
+                     torch.float32, N * P, "running var")
+        assert int(nbt) == 1
