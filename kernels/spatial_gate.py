@@ -273,24 +273,28 @@ def _spatial_gate_bwd_kernel(
         mean_dyu = total_dsu / count
 
     t = tl.arange(0, KK_PAD)
-    w0 = tl.load(convw_ptr + t, mask=t < KK, other=0.0).to(ACC_DTYPE)
-    w1 = tl.load(convw_ptr + KK + t, mask=(t < KK) & (M == 2), other=0.0).to(ACC_DTYPE)
+    # The window is symmetric: off(KK - 1 - t) = -off(t). So the transposed conv
+    # dz[p] = sum_t w[t] du[p - off(t)] = sum_t w[KK - 1 - t] du[p + off(t)] gathers at the
+    # same taps p + off(t) as the weight gradient: one set of indices, with flipped weights.
+    flip = KK - 1 - t
+    w0f = tl.load(convw_ptr + flip, mask=t < KK, other=0.0).to(ACC_DTYPE)
+    w1f = tl.load(convw_ptr + KK + flip, mask=(t < KK) & (M == 2), other=0.0).to(ACC_DTYPE)
     bsum = tl.zeros([BLOCK_Q], ACC_DTYPE)
     g0 = tl.zeros([KK_PAD], ACC_DTYPE)   # per-tap weight gradient of this program's rows
     g1 = tl.zeros([KK_PAD], ACC_DTYPE)
     for p0 in range(o0, o1, BLOCK_Q):
         offs_p = p0 + tl.arange(0, BLOCK_Q)
         mask_p = offs_p < o1
-        # transposed conv: dz[q] = sum_t w[t] du[q - off(t)], one gather [BLOCK_Q, KK_PAD]
-        q, valid, _ = _taps(offs_p, mask_p, H, W, KSIZE, KK_PAD, -1)
+        # one gather [BLOCK_Q, KK_PAD] of du and z at the taps p + off(t)
+        q, valid, _ = _taps(offs_p, mask_p, H, W, KSIZE, KK_PAD, 1)
         d = _du(ds_ptr + row, u_ptr + row, q, valid, mean, invstd, scale, mean_dy, mean_dyu,
                 BN_MODE)
-        dz0 = tl.sum(tl.where(valid, w0[None, :] * d, 0.0), 1)
-        dz1 = tl.sum(tl.where(valid, w1[None, :] * d, 0.0), 1)
+        # transposed conv: dz[p] = sum_t w[KK - 1 - t] du[p + off(t)]
+        dz0 = tl.sum(tl.where(valid, w0f[None, :] * d, 0.0), 1)
+        dz1 = tl.sum(tl.where(valid, w1f[None, :] * d, 0.0), 1)
         # weight gradient: dw[t] += sum_p du[p] z[p + off(t)]
         du_p = _du(ds_ptr + row, u_ptr + row, offs_p, mask_p, mean, invstd, scale, mean_dy,
                    mean_dyu, BN_MODE)
-        q, valid, _ = _taps(offs_p, mask_p, H, W, KSIZE, KK_PAD, 1)
         z0, z1 = _conv_inputs(smean_ptr + row, smax_ptr + row, q, valid, POOL_ORDER)
         g0 += tl.sum(tl.where(valid, du_p[:, None] * z0, 0.0), 0)
         if M == 2:
