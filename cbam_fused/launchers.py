@@ -27,7 +27,7 @@ from .kernels.spatial_gate import (_bn_partials_reduce_kernel, _spatial_gate_bwd
 from .kernels.weight_grads import _weight_grads_kernel
 from .launch import jit_launch
 from .plan import (CONV_GRAD_BLOCK, NUM_WARPS, SMALL_MAXNREG, SMALL_NUM_WARPS,
-                   Reduction, acc_dtype, cdiv, channel_split, conv_tiles,
+                   Reduction, acc_dtype, b1_blocks, cdiv, channel_split, conv_tiles,
                    bn_parts_block, cp_blocks, elementwise_position_groups, loop_stages, position_split,
                    reduction_plan, sm_count, weight_grad_rows, weight_grad_samples)
 
@@ -273,10 +273,12 @@ def bwd_gate_sums(g, x, ca, sa, p_contig: bool, splits=None, gs_part=None, gc_pa
     N, C, H, W = x.shape
     P = H * W
     dt = acc_dtype(x.dtype)
-    block_c, block_p, _, npb = big_pass_tiles(x, p_contig, plan)
     if plan is not None:
+        block_c, block_p, npb = plan.b1_block_c, plan.b1_block_p, plan.b1_p_blocks
         splits, c_per_split = plan.b1_splits, plan.b1_c_per_split
     else:
+        block_c, block_p = b1_blocks(C, P, p_contig, x.dtype)
+        npb = cdiv(P, block_p)
         splits, c_per_split = channel_split(N, C, P, p_contig, x.dtype, sm_count(x.device),
                                             splits)
     has_sa = sa is not None
@@ -374,7 +376,7 @@ def channel_gate_bwd(plan, f: Flags, w, saved, bufs, run=jit_launch):
     run(_channel_gate_bwd_kernel, (plan.N,),
         (bufs["gc_part"], bufs["gc2_part"], saved["ca"], saved["h"], w.fc1_weight,
          _or(w.fc2_weight, w.fc1_weight), bufs["dlog"], bufs["dh"], bufs["davg"], bufs["dmx"],
-         plan.C, plan.hidden, plan.p_blocks, plan.b2_splits),
+         plan.C, plan.hidden, plan.b1_p_blocks, plan.b2_splits),
         dict(POOL=f.pool, TWO_LAYERS=f.two_layers, HAS_GC2=f.spatial,
              ACC_DTYPE=_tl_acc(plan.dtype), BLOCK_C=plan.phi_bwd_block_c,
              BLOCK_H=plan.phi_block_h, BLOCK_PB=plan.bwd_block_pb,

@@ -93,10 +93,21 @@ def _split_axis(extent: int, block: int, other_programs: int, sms: int, splits, 
     return cdiv(extent, per_split), per_split
 
 
+def b1_blocks(C: int, P: int, p_contig: bool, dtype):
+    """(BLOCK_C, BLOCK_P) of B1, which writes one Gc1 partial row per position block (the
+    channel map's backward merges them): the big-pass tile in NCHW; in channels_last the
+    32-wide one (contiguous channels), whose 32 positions make a quarter of the partial
+    rows of the 128 x 8 tile, and a longer (pipelined) loop over the channels."""
+    if p_contig:
+        return cp_blocks(C, P, p_contig, dtype)
+    contig, other = tile_config(CONTIG_BLOCKS[0], dtype)
+    return contig, other
+
+
 def channel_split(N: int, C: int, P: int, p_contig: bool, dtype, sms: int, splits=None):
     """(splits, channels per split) of B1's channel axis: splits_for's programs per SM, or
     the requested number of splits, in whole channel blocks."""
-    block_c, block_p = cp_blocks(C, P, p_contig, dtype)
+    block_c, block_p = b1_blocks(C, P, p_contig, dtype)
     return _split_axis(C, block_c, N * cdiv(P, block_p), sms, splits, C)
 
 
@@ -190,6 +201,9 @@ class BlockPlan:
     block_p: int
     c_blocks: int
     p_blocks: int
+    b1_block_c: int      # B1's tile (b1_blocks)
+    b1_block_p: int
+    b1_p_blocks: int     # B1: position blocks (rows of Gc1 partials)
     b1_splits: int       # B1: channel splits (rows of Gs partials)
     b1_c_per_split: int
     b2_splits: int       # B2: position splits (rows of Gc2 partials)
@@ -284,7 +298,7 @@ class BlockPlan:
     def bwd_scratch_layout(self, spatial_kernel_size, spatial_maps):
         N, C, P = self.N, self.C, self.Ps
         R = self.psi_programs
-        return (("gs_part", N * self.b1_splits * P), ("gc_part", N * self.p_blocks * C),
+        return (("gs_part", N * self.b1_splits * P), ("gc_part", N * self.b1_p_blocks * C),
                 ("ds", N * P), ("dsmean", N * P), ("dsmax", N * P),
                 ("bsums", R * 2), ("cgrad", R * (spatial_maps * spatial_kernel_size ** 2 + 1)),
                 ("gc2_part", N * self.b2_splits * C), ("dlog", N * C), ("dh", N * 2 * self.hidden * int(self.two_layers)),
@@ -412,6 +426,8 @@ def block_plan(N: int, C: int, H: int, W: int, hidden: int, two_layers: bool, sp
     f2 = reduction_plan(N, P, C, not p_contig, dtype, sms)
     block_c, block_p = cp_blocks(C, P, p_contig, dtype)
     c_blocks, p_blocks = cdiv(C, block_c), cdiv(P, block_p)
+    b1_block_c, b1_block_p = b1_blocks(C, P, p_contig, dtype)
+    b1_p_blocks = cdiv(P, b1_block_p)
     b1_splits, b1_c_per_split = channel_split(N, C, P, p_contig, dtype, sms)
     b2_splits, b2_p_per_split = position_split(N, C, P, p_contig, dtype, sms)
     ew_groups, ew_p_per_program = elementwise_position_groups(N, C, P, p_contig, dtype, sms)
@@ -422,14 +438,15 @@ def block_plan(N: int, C: int, H: int, W: int, hidden: int, two_layers: bool, sp
     phi_block_c, phi_block_h = phi_tiles(hidden, two_layers, f1.block_s, dtype)
     bwd_block_cs = merge_block(b1_splits)
     psi_block = psi_block_p(max(f2.block_s, bwd_block_cs), dtype)
-    bwd_block_pb = min(8, merge_block(p_blocks))  # merged 8 at a time at most (a loop)
+    bwd_block_pb = min(8, merge_block(b1_p_blocks))  # merged 8 at a time at most (a loop)
     phi_bwd_block_c = phi_bwd_tiles(hidden, two_layers, bwd_block_pb, dtype)[0]
     wg_tile = weight_tile(hidden, two_layers, C, sms)
     tiles1, tiles2, rows1, rows2 = weight_grad_grid(hidden, two_layers, C, wg_tile)
     rows = psi_rows(N, H, sms)
     return BlockPlan(N, C, H, W, hidden, two_layers, spatial, kernel_size if spatial else 0,
                      p_contig, dtype, f1, f2, block_c, block_p,
-                     c_blocks, p_blocks, b1_splits, b1_c_per_split, b2_splits, b2_p_per_split,
+                     c_blocks, p_blocks, b1_block_c, b1_block_p, b1_p_blocks, b1_splits,
+                     b1_c_per_split, b2_splits, b2_p_per_split,
                      ew_groups, ew_p_per_program, phi_block_c, phi_block_h, phi_bwd_block_c,
                      psi_block, rows, cdiv(H, rows),
                      bwd_block_pb,
