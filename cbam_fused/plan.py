@@ -122,19 +122,20 @@ def elementwise_position_groups(N: int, C: int, P: int, p_contig: bool, dtype, s
                                 blocks_per_program=None):
     """(groups, positions per group) of the position axis of F3 and B3, which read and
     write each element once with no reduction: a program that computes one tile waits a
-    round trip for one tile. A program loops over EW_BLOCKS_PER_PROGRAM position blocks
-    (or all of them, if fewer), pipelined, reading its channel rows once, when that loop
-    has at least STAGES steps (a shorter one waits a round trip per step) and the launch
-    keeps at least EW_MIN_PROGRAMS_PER_SM programs per SM; else one block. Or over the
-    requested number of blocks."""
+    round trip for one tile. A program loops over EW_BLOCKS_PER_PROGRAM position blocks,
+    else half as many, ... down to 2 (or all of them, if fewer), pipelined (the loop's
+    prologue has the first STAGES - 1 tiles in flight at once), reading its channel rows
+    once, where the launch keeps at least EW_MIN_PROGRAMS_PER_SM programs per SM; else
+    one block. Or over the requested number of blocks."""
     block_c, block_p = cp_blocks(C, P, p_contig, dtype)
     blocks = cdiv(P, block_p)
     per = blocks_per_program
     if per is None:
-        per = min(EW_BLOCKS_PER_PROGRAM, blocks)
-        if (per < STAGES.value
-                or N * cdiv(C, block_c) * cdiv(blocks, per) < EW_MIN_PROGRAMS_PER_SM * sms):
-            per = 1
+        per = EW_BLOCKS_PER_PROGRAM
+        # halve while half the blocks still cover the map, or the launch is too small
+        while per >= 2 and (per // 2 >= blocks or N * cdiv(C, block_c) * cdiv(blocks, per)
+                            < EW_MIN_PROGRAMS_PER_SM * sms):
+            per //= 2
     per_program = max(1, min(per, blocks)) * block_p
     return cdiv(P, per_program), per_program
 
