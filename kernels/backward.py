@@ -18,7 +18,7 @@ positions whose max is tied; elsewhere the stored argmax decides.
 import triton
 import triton.language as tl
 
-from .plane import STAGES, _plane_offsets
+from .plane import STAGES, _elementwise_program, _plane_offsets, _plane_tile
 
 
 @triton.jit
@@ -146,11 +146,8 @@ def _bwd_input_tile(
 ):
     """dx of one tile: the channel block of offs_c (rows ca ... ccnt, read by the caller)
     and the positions p0 .. p0 + BLOCK_P (before p_end)."""
-    offs_p = p0 + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < p_end
-    mask = mask_c[:, None] & mask_p[None, :]
-    plane = n.to(tl.int64) * C * P + _plane_offsets(offs_c, offs_p, C, P, P_CONTIG)
-    prow = n.to(tl.int64) * P + offs_p
+    offs_p, mask_p, mask, plane, prow = _plane_tile(n, C, P, p0, p_end, offs_c, mask_c,
+                                                    P_CONTIG, BLOCK_P)
     g = tl.load(g_ptr + plane, mask=mask, other=0.0).to(ACC_DTYPE)
     if AMAX:
         need_x = ccnt[:, None] > 1
@@ -217,13 +214,7 @@ def _bwd_input_kernel(
     pid = tl.program_id(0)
     inv_c = 1.0 / tl.cast(C, ACC_DTYPE)  # one division per program, not per element
     inv_p = 1.0 / tl.cast(P, ACC_DTYPE)
-    if P_CONTIG:
-        pg = pid % num_p_groups
-        cb = (pid // num_p_groups) % num_c_blocks
-    else:
-        cb = pid % num_c_blocks
-        pg = (pid // num_c_blocks) % num_p_groups
-    n = pid // (num_c_blocks * num_p_groups)
+    n, cb, pg = _elementwise_program(pid, num_c_blocks, num_p_groups, P_CONTIG)
 
     offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C

@@ -12,7 +12,7 @@ updates the running statistics and the batch counter, as nn.BatchNorm2d would.
 import triton
 import triton.language as tl
 
-from .plane import STAGES, _combine_moments, _plane_offsets, _scalar
+from .plane import STAGES, _combine_moments, _elementwise_program, _plane_tile, _scalar
 
 
 @triton.jit
@@ -25,11 +25,8 @@ def _gate_apply_tile(
     """out of one tile: the channel block of offs_c (gate ca) and the positions
     p0 .. p0 + BLOCK_P (before p_end). SA_MODE 2: sa from u with the combined statistics
     (mean, invstd) and the affine factors, stored by the first channel block."""
-    offs_p = p0 + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < p_end
-    mask = mask_c[:, None] & mask_p[None, :]
-    plane = n.to(tl.int64) * C * P + _plane_offsets(offs_c, offs_p, C, P, P_CONTIG)
-    prow = n.to(tl.int64) * P + offs_p
+    offs_p, mask_p, mask, plane, prow = _plane_tile(n, C, P, p0, p_end, offs_c, mask_c,
+                                                    P_CONTIG, BLOCK_P)
     x = tl.load(x_ptr + plane, mask=mask, other=0.0).to(ACC_DTYPE)
     y = x * ca[:, None]
     if SA_MODE == 1:
@@ -84,13 +81,7 @@ def _gate_apply_kernel(
     keeps the next tiles' loads in flight while the current one is computed.
     """
     pid = tl.program_id(0)
-    if P_CONTIG:
-        pg = pid % num_p_groups
-        cb = (pid // num_p_groups) % num_c_blocks
-    else:
-        cb = pid % num_c_blocks
-        pg = (pid // num_c_blocks) % num_p_groups
-    n = pid // (num_c_blocks * num_p_groups)
+    n, cb, pg = _elementwise_program(pid, num_c_blocks, num_p_groups, P_CONTIG)
 
     offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C

@@ -157,3 +157,32 @@ def _sum_partial_rows(part_ptr, n, num_parts, R, offs_r, mask_r, ACC_DTYPE: tl.c
                        + offs_r[:, None], mask=m, other=0.0)
         acc += tl.sum(part, 1)
     return acc
+
+
+@triton.jit
+def _elementwise_program(pid, num_c_blocks, num_p_groups, P_CONTIG: tl.constexpr):
+    """(sample, channel block, position group) of program pid of F3 or B3: position groups
+    vary fastest in NCHW, channel blocks in channels_last, so that neighbouring programs
+    touch neighbouring memory."""
+    if P_CONTIG:
+        pg = pid % num_p_groups
+        cb = (pid // num_p_groups) % num_c_blocks
+    else:
+        cb = pid % num_c_blocks
+        pg = (pid // num_c_blocks) % num_p_groups
+    n = pid // (num_c_blocks * num_p_groups)
+    return n, cb, pg
+
+
+@triton.jit
+def _plane_tile(n, C, P, p0, p_end, offs_c, mask_c, P_CONTIG: tl.constexpr,
+                BLOCK_P: tl.constexpr):
+    """The tile of sample n at channels offs_c and positions p0 .. p0 + BLOCK_P (before
+    p_end): (positions, their mask, the tile's mask, its 64-bit offsets in the [N, C x P]
+    plane, the positions' 64-bit offsets in an [N, P] row)."""
+    offs_p = p0 + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < p_end
+    mask = mask_c[:, None] & mask_p[None, :]
+    plane = n.to(tl.int64) * C * P + _plane_offsets(offs_c, offs_p, C, P, P_CONTIG)
+    prow = n.to(tl.int64) * P + offs_p
+    return offs_p, mask_p, mask, plane, prow
