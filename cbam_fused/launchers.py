@@ -28,8 +28,8 @@ from .kernels.weight_grads import _weight_grads_kernel
 from .launch import jit_launch
 from .plan import (CONV_GRAD_BLOCK, NUM_WARPS, SMALL_MAXNREG, SMALL_NUM_WARPS,
                    Reduction, acc_dtype, b1_blocks, cdiv, channel_split, conv_tiles,
-                   bn_parts_block, cp_blocks, elementwise_position_groups, loop_stages, position_split,
-                   reduction_plan, sm_count, weight_grad_rows, weight_grad_samples)
+                   bn_parts_block, cp_blocks, elementwise_position_groups, loop_stages,
+                   position_split, reduction_plan, sm_count, weight_grad_rows, weight_grad_samples)
 
 # launch options of the small-map kernels (plan.py)
 SMALL_OPTIONS = dict(num_warps=SMALL_NUM_WARPS, maxnreg=SMALL_MAXNREG)
@@ -206,13 +206,13 @@ def bn_partials_reduce(parts, num_parts: int, moments: bool, run=jit_launch):
 # ---------------------------------------------------------------- F3
 
 def big_pass_tiles(x, p_contig: bool, plan=None):
-    """(BLOCK_C, BLOCK_P, channel blocks, position blocks) of a big pass over x: the
-    plan's when given (computed once per shape), else computed from x."""
+    """(BLOCK_C, BLOCK_P, channel blocks) of a big pass over x: the plan's when given
+    (computed once per shape), else computed from x."""
     if plan is not None:
-        return plan.block_c, plan.block_p, plan.c_blocks, plan.p_blocks
+        return plan.block_c, plan.block_p, plan.c_blocks
     N, C, H, W = x.shape
     block_c, block_p = cp_blocks(C, H * W, p_contig, x.dtype)
-    return block_c, block_p, cdiv(C, block_c), cdiv(H * W, block_p)
+    return block_c, block_p, cdiv(C, block_c)
 
 
 def elementwise_groups(x, p_contig: bool, plan=None, blocks_per_program=None):
@@ -240,7 +240,7 @@ def gate_apply(x, ca, p_contig: bool, sa=None, u=None, mom=None, num_parts=0, bn
     P = H * W
     if out is None:
         out = torch.empty_like(x)
-    block_c, block_p, ncb, _ = big_pass_tiles(x, p_contig, plan)
+    block_c, block_p, ncb = big_pass_tiles(x, p_contig, plan)
     groups, p_per_program = elementwise_groups(x, p_contig, plan, blocks_per_program)
     sa_mode = 2 if mom is not None else (1 if sa is not None else 0)
     dummy = ca
@@ -303,7 +303,7 @@ def bwd_spatial_pool(x, ca, dsmean, dsmax, smax, sidx, scnt, p_contig: bool, ama
     here, with `splits` if given)."""
     N, C, H, W = x.shape
     P = H * W
-    block_c, block_p, ncb, _ = big_pass_tiles(x, p_contig, plan)
+    block_c, block_p, ncb = big_pass_tiles(x, p_contig, plan)
     if plan is not None:
         splits, p_per_split = plan.b2_splits, plan.b2_p_per_split
     else:
@@ -333,7 +333,7 @@ def bwd_input(g, x, ca, sa, dsmean, dsmax, smax, sidx, scnt, davg, dmx, mx, cidx
     P = H * W
     if dx is None:
         dx = torch.empty_like(g)
-    block_c, block_p, ncb, npb = big_pass_tiles(x, p_contig, plan)
+    block_c, block_p, ncb = big_pass_tiles(x, p_contig, plan)
     has_sa = sa is not None
     sp = (sa, dsmean, dsmax, smax, sidx, scnt) if has_sa else (ca, ca, ca, ca, cidx, ccnt)
     groups, p_per_program = elementwise_groups(x, p_contig, plan, blocks_per_program)

@@ -198,10 +198,9 @@ class BlockPlan:
     dtype: torch.dtype
     f1: Reduction        # channel statistics: R = C, K = H*W
     f2: Reduction        # spatial statistics: R = H*W, K = C
-    block_c: int         # F3, B1, B2, B3 tiles
+    block_c: int         # F3, B2, B3 tiles (and B1's in NCHW)
     block_p: int
     c_blocks: int
-    p_blocks: int
     b1_block_c: int      # B1's tile (b1_blocks)
     b1_block_p: int
     b1_p_blocks: int     # B1: position blocks (rows of Gc1 partials)
@@ -426,7 +425,7 @@ def block_plan(N: int, C: int, H: int, W: int, hidden: int, two_layers: bool, sp
     f1 = reduction_plan(N, C, P, p_contig, dtype, sms)
     f2 = reduction_plan(N, P, C, not p_contig, dtype, sms)
     block_c, block_p = cp_blocks(C, P, p_contig, dtype)
-    c_blocks, p_blocks = cdiv(C, block_c), cdiv(P, block_p)
+    c_blocks = cdiv(C, block_c)
     b1_block_c, b1_block_p = b1_blocks(C, P, p_contig, dtype)
     b1_p_blocks = cdiv(P, b1_block_p)
     b1_splits, b1_c_per_split = channel_split(N, C, P, p_contig, dtype, sms)
@@ -446,7 +445,7 @@ def block_plan(N: int, C: int, H: int, W: int, hidden: int, two_layers: bool, sp
     rows = psi_rows(N, H, sms)
     return BlockPlan(N, C, H, W, hidden, two_layers, spatial, kernel_size if spatial else 0,
                      p_contig, dtype, f1, f2, block_c, block_p,
-                     c_blocks, p_blocks, b1_block_c, b1_block_p, b1_p_blocks, b1_splits,
+                     c_blocks, b1_block_c, b1_block_p, b1_p_blocks, b1_splits,
                      b1_c_per_split, b2_splits, b2_p_per_split,
                      ew_groups, ew_p_per_program, phi_block_c, phi_block_h, phi_bwd_block_c,
                      psi_block, rows, cdiv(H, rows),

@@ -6,8 +6,9 @@ spatial_gate.py (one per spatial-map program) in the same fixed order (a few hun
 numbers, from L2), normalizes the conv output u of its positions and takes the sigmoid.
 A program covers several position blocks where the launch stays large enough
 (plan.elementwise_position_groups), so the combine runs once per group of tiles. The
-programs of the first channel block store sa for the backward; program 0 stores the statistics it used and
-updates the running statistics and the batch counter, as nn.BatchNorm2d would.
+programs of the first channel block store sa for the backward; program 0 stores the
+statistics it used and updates the running statistics and the batch counter, as
+nn.BatchNorm2d would.
 """
 import triton
 import triton.language as tl
