@@ -28,7 +28,8 @@ import triton.language as tl
 
 from . import plan as PL
 from .kernels.backward import _bwd_gate_sums_kernel, _bwd_input_kernel, _bwd_spatial_pool_kernel
-from .kernels.channel_gate import _channel_gate_bwd_kernel, _channel_gate_fwd_kernel
+from .kernels.channel_gate import (_channel_gate_bwd_blocks_kernel, _channel_gate_bwd_kernel,
+                                   _channel_gate_fwd_blocks_kernel, _channel_gate_fwd_kernel)
 from .kernels.gate_apply import _gate_apply_kernel
 from .kernels.pool_stats import _pool_stats_kernel
 from .kernels.spatial_gate import (_bn_partials_reduce_kernel, _spatial_gate_bwd_kernel,
@@ -41,9 +42,10 @@ DTYPE_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp3
               torch.float64: "fp64"}
 # Arguments specialized as divisible by 16 (pointers are aligned, plane sizes typical).
 _DIVISIBLE_INTS = {"R", "K", "C", "P", "k_per_split", "c_per_split", "p_per_split",
-                   "p_per_program"}
+                   "p_per_program", "c_per_program"}
 # Integer arguments that are never 1 (multiples of a block of at least 8).
-_NEVER_ONE = {"k_per_split", "c_per_split", "p_per_split", "p_per_program", "CG"}
+_NEVER_ONE = {"k_per_split", "c_per_split", "p_per_split", "p_per_program", "c_per_program",
+              "CG"}
 
 
 # H100 SM limits, for the theoretical occupancy column.
@@ -179,6 +181,15 @@ def _small_map_configs(acc_dtypes):
                 [dict(f, TWO_LAYERS=two) for f in _product(dict(
                     POOL=[0, 1, 2], HAS_B1=[False, True], HAS_B2=[False, True] if two else [False]))],
                 dict(POOL=0, HAS_B1=True, HAS_B2=two, TWO_LAYERS=two), fwd)
+            if two:
+                blocks_tiles = [dict(zip(("BLOCK_C", "BLOCK_H", "BLOCK_RB"),
+                                         PL.phi_blocks_tiles(2 ** i, dtype)))
+                                for i in range(4, 11)]
+                add(_channel_gate_fwd_blocks_kernel, dtype, acc,
+                    _product(dict(POOL=[0, 1, 2], HAS_B1=[False, True], HAS_B2=[False, True])),
+                    dict(POOL=0, HAS_B1=True, HAS_B2=True), blocks_tiles)
+                add(_channel_gate_bwd_blocks_kernel, dtype, acc,
+                    [dict(POOL=p) for p in (0, 1, 2)], dict(POOL=0), blocks_tiles)
             add(_channel_gate_bwd_kernel, dtype, acc,
                 [dict(f, TWO_LAYERS=two) for f in _product(dict(POOL=[0, 1, 2], HAS_GC2=[False, True]))],
                 dict(POOL=0, HAS_GC2=True, TWO_LAYERS=two), bwd)
@@ -226,6 +237,17 @@ def _small_map_configs(acc_dtypes):
     return out
 
 
+def _hidden_tiles(block_c: int, dtype, big_tiles: int):
+    """(BLOCK_H, HID_LOOP) of the hidden tiles a big pass with block_c channels per program
+    can take for the channel MLP's partial rows (plan.hidden_block): alone (covering the
+    hidden units) and the largest also in a loop; every tile with fp32 I/O, the largest
+    alone otherwise (smaller tiles hold fewer values; all compile spill-free in fp32)."""
+    block_hs = sorted({PL.hidden_block(2 ** i, block_c, dtype, big_tiles) for i in range(11)})
+    if dtype != torch.float32:
+        block_hs = block_hs[-1:]
+    return [(b, False) for b in block_hs] + [(block_hs[-1], True)]
+
+
 def launch_configs(dtypes=DTYPES):
     """Every (kernel, dtype, constexprs) the launchers in launchers.py can launch (see
     _small_map_configs for how the small-map kernels' variants are covered)."""
@@ -241,10 +263,18 @@ def launch_configs(dtypes=DTYPES):
         stages = (PL.STAGES.value, 1) if dtype == torch.float32 else (PL.STAGES.value,)
         for k_contig, contig, other in _tile_variants(dtype):
             block_k, block_r = (contig, other) if k_contig else (other, contig)
-            for has_scale in (False, True):
+            # F2 (scaled), F1, F1 with the channel MLP's layer-1 partials (two-branch pool
+            # mode at every hidden tile; the others with fp32 I/O, looping)
+            hid_tiles = _hidden_tiles(block_r, dtype, 2)
+            variants = [(True, False, 0, 1, False), (False, False, 0, 1, False)] + [
+                (False, True, 0, block_h, loop) for block_h, loop in hid_tiles] + [
+                (False, True, pool, *hid_tiles[-1])
+                for pool in ((1, 2) if dtype == torch.float32 else ())]
+            for has_scale, hid_partial, pool, block_h, loop in variants:
                 for st in stages:
-                    add(_pool_stats_kernel, dtype, HAS_SCALE=has_scale, K_CONTIG=k_contig,
-                        BLOCK_R=block_r, BLOCK_K=block_k, NUM_STAGES=st)
+                    add(_pool_stats_kernel, dtype, HAS_SCALE=has_scale, HID_PARTIAL=hid_partial,
+                        POOL=pool, K_CONTIG=k_contig, BLOCK_R=block_r, BLOCK_K=block_k,
+                        NUM_STAGES=st, BLOCK_H=block_h, HID_LOOP=loop)
         for p_contig, contig, other in _tile_variants(dtype):
             block_c, block_p = (other, contig) if p_contig else (contig, other)
             blk = dict(P_CONTIG=p_contig, BLOCK_C=block_c, BLOCK_P=block_p)
@@ -261,9 +291,15 @@ def launch_configs(dtypes=DTYPES):
                 for amax in (False, True):
                     for loop in (False, True):
                         add(_bwd_input_kernel, dtype, HAS_SA=has_sa, AMAX=amax, LOOP=loop, **blk)
-            for amax in (False, True):
+            # B2, and B2 with dlogits and the W2^T dlogits partials (ties: AMAX; B1's
+            # partial rows merged 8 at a time) at every hidden tile
+            b2_variants = [(amax, False, 1, 1, False) for amax in (False, True)] + [
+                (True, True, 8, block_h, loop)
+                for block_h, loop in _hidden_tiles(block_c, dtype, 1)]
+            for amax, dr_partial, block_pb, block_h, loop in b2_variants:
                 for st in stages:
-                    add(_bwd_spatial_pool_kernel, dtype, AMAX=amax, NUM_STAGES=st, **blk)
+                    add(_bwd_spatial_pool_kernel, dtype, AMAX=amax, DR_PARTIAL=dr_partial,
+                        NUM_STAGES=st, BLOCK_PB=block_pb, BLOCK_H=block_h, HID_LOOP=loop, **blk)
     acc_dtypes = sorted({torch.float32 if d != torch.float64 else d for d in dtypes}, key=str)
     for kernel, dtype, cx in _small_map_configs(acc_dtypes):
         builds.append(Build(kernel, dtype, tuple(sorted(cx.items()))))
@@ -284,9 +320,12 @@ def num_warps_of(kernel_name: str) -> int:
     return PL.NUM_WARPS if kernel_name in _BIG_PASSES else PL.SMALL_NUM_WARPS
 
 
-def launch_options(kernel) -> dict:
-    """The compile options the launchers give a kernel (launchers.py)."""
+def launch_options(kernel, constexprs=None) -> dict:
+    """The compile options the launchers give a kernel (launchers.py) with these
+    constexprs."""
     if kernel.fn.__name__ in _BIG_PASSES:
+        if (constexprs or {}).get("HID_PARTIAL"):
+            return {"num_warps": PL.NUM_WARPS, "maxnreg": PL.PARTIAL_ROWS_MAXNREG}
         return {"num_warps": PL.NUM_WARPS}
     return {"num_warps": PL.SMALL_NUM_WARPS, "maxnreg": PL.SMALL_MAXNREG}
 
@@ -315,7 +354,7 @@ def compile_build(build: Build, arch: int):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=kernel, signature=signature, constexprs=cx, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options=launch_options(kernel))
+                          options=launch_options(kernel, dict(build.constexprs)))
 
 
 @functools.lru_cache(maxsize=None)

@@ -163,7 +163,8 @@ def fused_forward(xd, p_contig: bool, spec: CBAMSpec, w: CBAMWeights, bn_batch_s
     C, P = plan.C, plan.P
 
     L.pool_stats_partials(xd, C, P, p_contig, plan.f1,
-                          outs=(t["f1_sum"], t["f1_max"], t["f1_idx"], t["f1_cnt"]), run=run)
+                          outs=(t["f1_sum"], t["f1_max"], t["f1_idx"], t["f1_cnt"]),
+                          hid_partial=L.f1_hid_partial(plan, f, w, t), run=run)
     L.channel_gate_fwd(plan, f, w, t, s, run=run)
     if not spec.has_spatial:
         L.gate_apply(xd, s["ca"], p_contig, eps=spec.bn_eps, momentum=momentum, out=out,
@@ -219,7 +220,8 @@ def fused_backward(g, xd, p_contig: bool, saved_acc, saved_i32, spec: CBAMSpec, 
         L.spatial_gate_bwd(plan, f, w, s, t, sums, num_parts, run=run)
         dsmean, dsmax, smax, sidx, scnt = t["dsmean"], t["dsmax"], s["smax"], s["sidx"], s["scnt"]
         L.bwd_spatial_pool(xd, s["ca"], dsmean, dsmax, smax, sidx, scnt, p_contig, spec.amax,
-                           out=t["gc2_part"], plan=plan, run=run)
+                           out=t["gc2_part"], plan=plan, dr_partial=L.b2_dr_partial(plan, w, t),
+                           run=run)
     L.channel_gate_bwd(plan, f, w, s, t, run=run)
     L.weight_grads(plan, f, w, s, t, grads=grads, run=run)
     if need_dx:

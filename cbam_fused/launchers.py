@@ -19,16 +19,17 @@ import torch
 import triton.language as tl
 
 from .kernels.backward import _bwd_gate_sums_kernel, _bwd_input_kernel, _bwd_spatial_pool_kernel
-from .kernels.channel_gate import _channel_gate_bwd_kernel, _channel_gate_fwd_kernel
+from .kernels.channel_gate import (_channel_gate_bwd_blocks_kernel, _channel_gate_bwd_kernel,
+                                   _channel_gate_fwd_blocks_kernel, _channel_gate_fwd_kernel)
 from .kernels.gate_apply import _gate_apply_kernel
 from .kernels.pool_stats import _pool_stats_kernel
 from .kernels.spatial_gate import (_bn_partials_reduce_kernel, _spatial_gate_bwd_kernel,
                                    _spatial_gate_bwd_stats_kernel, _spatial_gate_fwd_kernel)
 from .kernels.weight_grads import _weight_grads_kernel
 from .launch import jit_launch
-from .plan import (CONV_GRAD_BLOCK, NUM_WARPS, SMALL_MAXNREG, SMALL_NUM_WARPS,
-                   Reduction, acc_dtype, b1_blocks, cdiv, channel_split, conv_tiles,
-                   bn_parts_block, cp_blocks, elementwise_position_groups, loop_stages,
+from .plan import (CONV_GRAD_BLOCK, NUM_WARPS, PARTIAL_ROWS_MAXNREG, SMALL_MAXNREG,
+                   SMALL_NUM_WARPS, Reduction, acc_dtype, b1_blocks, cdiv, channel_split,
+                   conv_tiles, bn_parts_block, cp_blocks, elementwise_position_groups, loop_stages,
                    position_split, reduction_plan, sm_count, weight_grad_rows, weight_grad_samples)
 
 # launch options of the small-map kernels (plan.py)
@@ -125,11 +126,20 @@ def _or(t, fallback):
 # ---------------------------------------------------------------- F1, F2
 
 def pool_stats_partials(x, R: int, K: int, k_contig: bool, red: Reduction, scale=None,
-                        outs=None, run=jit_launch):
+                        outs=None, hid_partial=None, run=jit_launch):
     """Per split s of the K axis: sum, max, first argmax and tie count over the split's
     columns of each sample's R x K plane. Returns four [N, S, R] tensors (sum and max in
-    the accumulation dtype, argmax and count int32); `scale` ([N, K]) multiplies column k."""
+    the accumulation dtype, argmax and count int32); `scale` ([N, K]) multiplies column k.
+    `hid_partial` = (w1 [HID, R], hpart [N, r_blocks, 2, HID], pool mode, BLOCK_H): F1 with
+    one split also forms the channel MLP's partial layer-1 rows (pool_stats.py)."""
     N = x.shape[0]
+    if hid_partial is not None:
+        assert red.splits == 1, "the layer-1 partials need finished statistics (one split)"
+        w1, hpart, pool, block_h = hid_partial
+        hidden = w1.shape[0]
+    else:
+        w1 = hpart = None
+        hidden, pool, block_h = 1, 0, 1
     if outs is None:
         dt = acc_dtype(x.dtype)
         outs = (torch.empty(N, red.splits, R, device=x.device, dtype=dt),
@@ -137,11 +147,13 @@ def pool_stats_partials(x, R: int, K: int, k_contig: bool, red: Reduction, scale
                 torch.empty(N, red.splits, R, device=x.device, dtype=torch.int32),
                 torch.empty(N, red.splits, R, device=x.device, dtype=torch.int32))
     run(_pool_stats_kernel, (N * red.splits * red.r_blocks,),
-        (x, scale if scale is not None else outs[0], *outs,
-         R, K, red.k_per_split, red.r_blocks, red.splits),
-        dict(HAS_SCALE=scale is not None, K_CONTIG=k_contig, ACC_DTYPE=_tl_acc(x.dtype),
-             BLOCK_R=red.block_r, BLOCK_K=red.block_k, NUM_STAGES=red.stages,
-             num_warps=NUM_WARPS))
+        (x, scale if scale is not None else outs[0], *outs, _or(w1, outs[0]), _or(hpart, outs[0]),
+         R, K, red.k_per_split, red.r_blocks, red.splits, hidden),
+        dict(HAS_SCALE=scale is not None, HID_PARTIAL=hid_partial is not None, POOL=pool,
+             K_CONTIG=k_contig, ACC_DTYPE=_tl_acc(x.dtype),
+             BLOCK_R=red.block_r, BLOCK_K=red.block_k, NUM_STAGES=red.stages, BLOCK_H=block_h,
+             HID_LOOP=block_h < hidden, num_warps=NUM_WARPS,
+             **({} if hid_partial is None else dict(maxnreg=PARTIAL_ROWS_MAXNREG))))
     return outs
 
 
@@ -161,8 +173,28 @@ def spatial_stats_partials(x, ca, p_contig: bool, splits=None):
 
 # ---------------------------------------------------------------- small maps, forward
 
+def f1_hid_partial(plan, f: Flags, w, bufs):
+    """The hid_partial argument of F1 in this plan (None unless plan.phi_blocks)."""
+    if not plan.phi_blocks:
+        return None
+    return w.fc1_weight, bufs["hpart"], f.pool, plan.f1_block_h
+
+
 def channel_gate_fwd(plan, f: Flags, w, bufs, saved, run=jit_launch):
-    """phi: combine F1's partials, MLP, sigmoid -> saved avg, cmax, cidx, ccnt, h, ca."""
+    """phi: combine F1's partials, MLP, sigmoid -> saved avg, cmax, cidx, ccnt, h, ca.
+    After an unsplit F1 that formed the layer-1 partials (plan.phi_blocks): parallel over
+    (sample, channel range)."""
+    if plan.phi_blocks:
+        run(_channel_gate_fwd_blocks_kernel, (plan.N * plan.phi_c_programs,),
+            (bufs["f1_sum"], bufs["f1_max"], bufs["f1_idx"], bufs["f1_cnt"], bufs["hpart"],
+             _or(w.fc1_bias, w.fc1_weight), w.fc2_weight, _or(w.fc2_bias, w.fc1_weight),
+             saved["avg"], saved["cmax"], saved["cidx"], saved["ccnt"], saved["h"], saved["ca"],
+             plan.C, plan.P, plan.hidden, plan.f1.r_blocks, plan.phi_c_per_program,
+             plan.phi_c_programs),
+            dict(POOL=f.pool, HAS_B1=f.has_b1, HAS_B2=f.has_b2, ACC_DTYPE=_tl_acc(plan.dtype),
+                 BLOCK_C=plan.phi_blocks_c, BLOCK_H=plan.phi_block_h,
+                 BLOCK_RB=plan.phi_blocks_rb, **SMALL_OPTIONS))
+        return
     run(_channel_gate_fwd_kernel, (plan.N,),
         (bufs["f1_sum"], bufs["f1_max"], bufs["f1_idx"], bufs["f1_cnt"],
          w.fc1_weight, _or(w.fc1_bias, w.fc1_weight), _or(w.fc2_weight, w.fc1_weight),
@@ -296,11 +328,14 @@ def bwd_gate_sums(g, x, ca, sa, p_contig: bool, splits=None, gs_part=None, gc_pa
 
 
 def bwd_spatial_pool(x, ca, dsmean, dsmax, smax, sidx, scnt, p_contig: bool, amax: bool, out=None,
-                     plan=None, splits=None, run=jit_launch):
+                     plan=None, splits=None, dr_partial=None, run=jit_launch):
     """B2: partial rows [N, PS, C] over PS position splits of Gc2[n, c] = sum_p x *
     (dsmean/C + dsmax * e_k), the part of dL/dca through the spatial pools (into `out`
     when given). `plan`: the block's plan, whose tiles and splits are used (else computed
-    here, with `splits` if given)."""
+    here, with `splits` if given). `dr_partial` = (gc_part [N, PB, C], PB, BLOCK_PB, w2
+    [C, HID], dlog [N, C], drpart [N, channel blocks, HID], BLOCK_H): B2 with one split
+    instead adds B1's Gc1 rows and writes dlogits and the partial rows of W2^T dlogits
+    (backward.py); `out` is then not written."""
     N, C, H, W = x.shape
     P = H * W
     block_c, block_p, ncb = big_pass_tiles(x, p_contig, plan)
@@ -311,12 +346,29 @@ def bwd_spatial_pool(x, ca, dsmean, dsmax, smax, sidx, scnt, p_contig: bool, ama
                                              splits)
     if out is None:
         out = torch.empty(N, splits, C, device=x.device, dtype=acc_dtype(x.dtype))
+    if dr_partial is not None:
+        assert splits == 1, "dlogits need finished Gc2 rows (one split)"
+        gc_part, pb, block_pb, w2, dlog, drpart, block_h = dr_partial
+        hidden = w2.shape[1]
+    else:
+        gc_part = w2 = dlog = drpart = None
+        block_pb, pb, hidden, block_h = 1, 1, 1, 1
     run(_bwd_spatial_pool_kernel, (N * ncb * splits,),
-        (x, ca, dsmean, dsmax, smax, sidx, scnt, out, C, P, p_per_split, ncb, splits),
-        dict(AMAX=amax, P_CONTIG=p_contig, ACC_DTYPE=_tl_acc(x.dtype),
-             BLOCK_C=block_c, BLOCK_P=block_p, NUM_STAGES=loop_stages(p_per_split, block_p),
-             num_warps=NUM_WARPS))
+        (x, ca, dsmean, dsmax, smax, sidx, scnt, out, _or(gc_part, out), _or(w2, out),
+         _or(dlog, out), _or(drpart, out), C, P, p_per_split, ncb, splits, pb, hidden),
+        dict(AMAX=amax, DR_PARTIAL=dr_partial is not None, P_CONTIG=p_contig,
+             ACC_DTYPE=_tl_acc(x.dtype), BLOCK_C=block_c, BLOCK_P=block_p,
+             NUM_STAGES=loop_stages(p_per_split, block_p), BLOCK_PB=block_pb, BLOCK_H=block_h,
+             HID_LOOP=block_h < hidden, num_warps=NUM_WARPS))
     return out
+
+
+def b2_dr_partial(plan, w, bufs):
+    """The dr_partial argument of B2 in this plan (None unless plan.phi_bwd_blocks)."""
+    if not plan.phi_bwd_blocks:
+        return None
+    return (bufs["gc_part"], plan.b1_p_blocks, plan.bwd_block_pb, w.fc2_weight, bufs["dlog"],
+            bufs["drpart"], plan.b2_block_h)
 
 
 def bwd_input(g, x, ca, sa, dsmean, dsmax, smax, sidx, scnt, davg, dmx, mx, cidx, ccnt,
@@ -372,7 +424,16 @@ def spatial_gate_bwd(plan, f: Flags, w, saved, bufs, sums, num_parts: int, run=j
 
 
 def channel_gate_bwd(plan, f: Flags, w, saved, bufs, run=jit_launch):
-    """dlogits, dh, davg, dmx per sample, from B1's Gc1 and B2's Gc2 partial rows."""
+    """dlogits, dh, davg, dmx per sample, from B1's Gc1 and B2's Gc2 partial rows; after an
+    unsplit B2 that formed dlogits and the W2^T dlogits partials (plan.phi_bwd_blocks): dh,
+    davg, dmx parallel over (sample, channel range)."""
+    if plan.phi_bwd_blocks:
+        run(_channel_gate_bwd_blocks_kernel, (plan.N * plan.phi_c_programs,),
+            (bufs["drpart"], saved["h"], w.fc1_weight, bufs["dh"], bufs["davg"], bufs["dmx"],
+             plan.C, plan.hidden, plan.c_blocks, plan.phi_c_per_program, plan.phi_c_programs),
+            dict(POOL=f.pool, ACC_DTYPE=_tl_acc(plan.dtype), BLOCK_C=plan.phi_blocks_c,
+                 BLOCK_H=plan.phi_block_h, BLOCK_RB=plan.phi_blocks_rb, **SMALL_OPTIONS))
+        return
     run(_channel_gate_bwd_kernel, (plan.N,),
         (bufs["gc_part"], bufs["gc2_part"], saved["ca"], saved["h"], w.fc1_weight,
          _or(w.fc2_weight, w.fc1_weight), bufs["dlog"], bufs["dh"], bufs["davg"], bufs["dmx"],

@@ -26,10 +26,16 @@ SMALL_NUM_WARPS = 8   # the small-map kernels: one program per sample, so more t
 # ... and a register budget: without .maxnreg, ptxas holds 256-thread programs to 32-64
 # registers and spills a few bytes in some tiles (seen with triton 3.6 and 3.8)
 SMALL_MAXNREG = 128
+# F1 forming the channel MLP's partial rows: ptxas holds some of its builds to 64 registers
+# and spills 12 bytes (sm_90); 80 fits every build (sm_80 spills at 72)
+PARTIAL_ROWS_MAXNREG = 80
 MAX_SPLITS = 64       # partial rows merged by one tile of the small-map kernels
 BIG_PASS_PROGRAMS_PER_SM = 8  # the split reductions' target (8-12 fit on an SM, aot.py)
 SMALL_TILE = 4096     # elements of one tile in the small-map kernels (half for fp64)
 PHI_WEIGHT_TILES = 4  # weight-tile elements of the channel maps, in merge tiles
+PHI_MIN_CHANNELS = 128  # channels per program of the channel-map forward after an unsplit F1
+PHI_BLOCKS_MAX_C = 256  # ... and its W2 rows per step
+PHI_BLOCKS_MIN_STEPS = 8  # ... used where the per-sample kernel takes this many W1 steps
 MAX_HIDDEN = 1024     # hidden units of the channel MLP that one program holds
 WEIGHT_TILES = (16, 32)  # rows and columns of a weight-gradient tile (plan.weight_tile)
 WEIGHT_GRAD_PRODUCTS = 8192  # samples x rows x columns summed per step of a weight-gradient
@@ -224,6 +230,15 @@ class BlockPlan:
     wg_rows1: int
     wg_rows2: int
     wg_tile: int         # rows and columns of a weight-gradient tile
+    phi_blocks: bool     # unsplit F1 forms layer-1 partials; phi runs per channel range
+    phi_c_programs: int  # ... its programs per sample
+    phi_c_per_program: int
+    phi_blocks_c: int    # ... its tiles (phi_blocks_tiles)
+    phi_blocks_rb: int
+    f1_block_h: int      # hidden units per step of F1's layer-1 partial
+    phi_bwd_blocks: bool  # unsplit B2 forms dlogits and W2^T dlogits partials; phi's
+                          # backward runs per channel range (its grid and tiles: phi_blocks')
+    b2_block_h: int      # hidden units per step of B2's partial
 
     def __post_init__(self):
         # hashed once: the per-plan caches below (functools.lru_cache on methods) hash it
@@ -275,6 +290,7 @@ class BlockPlan:
     def fwd_scratch_acc_layout(self):
         N, C, P = self.N, self.C, self.Ps
         return (("f1_sum", N * self.f1.splits * C), ("f1_max", N * self.f1.splits * C),
+                ("hpart", N * self.f1.r_blocks * 2 * self.hidden * int(self.phi_blocks)),
                 ("f2_sum", N * self.f2.splits * P), ("f2_max", N * self.f2.splits * P),
                 ("mom", self.psi_programs * 3), ("slab", self.psi_programs * 2 * self.psi_slab))
 
@@ -301,7 +317,9 @@ class BlockPlan:
         return (("gs_part", N * self.b1_splits * P), ("gc_part", N * self.b1_p_blocks * C),
                 ("ds", N * P), ("dsmean", N * P), ("dsmax", N * P),
                 ("bsums", R * 2), ("cgrad", R * (spatial_maps * spatial_kernel_size ** 2 + 1)),
-                ("gc2_part", N * self.b2_splits * C), ("dlog", N * C), ("dh", N * 2 * self.hidden * int(self.two_layers)),
+                ("gc2_part", N * self.b2_splits * C), ("dlog", N * C),
+                ("drpart", N * self.c_blocks * self.hidden * int(self.phi_bwd_blocks)),
+                ("dh", N * 2 * self.hidden * int(self.two_layers)),
                 ("davg", N * C), ("dmx", N * C))
 
 
@@ -391,6 +409,50 @@ def phi_tiles(hidden: int, two_layers: bool, block_s: int, dtype, weight_tiles=N
     return max(2, min(weight_tiles * small // block_h, small // block_s)), block_h
 
 
+def phi_blocks_tiles(hidden: int, dtype):
+    """(BLOCK_C, BLOCK_H, BLOCK_RB) of the channel-map forward after an unsplit F1: a W2
+    tile as large as phi_tiles' weight tile, a tile of partial rows as large as a merge
+    tile."""
+    block_h = _pow2_at_least(hidden, 16)
+    small = small_tile(dtype) // (4 if dtype == torch.float64 else 2)
+    # at most PHI_BLOCKS_MAX_C rows of W2 at once: 512 x 16 spills on sm_90
+    block_c = min(PHI_BLOCKS_MAX_C, max(2, PHI_WEIGHT_TILES * small // block_h))
+    return block_c, block_h, max(1, small // block_h)
+
+
+def channel_map_blocks(partial_elements: int, C: int, P: int, splits: int, unsplit_steps: int,
+                       map_steps: int) -> bool:
+    """Whether a big pass next to the channel map (F1 forward, B2 backward) runs unsplit
+    and multiplies its finished per-channel rows into the matching slice of the MLP's
+    weights, so that the channel map runs per channel range (phi_blocks, phi_bwd_blocks):
+    the partial rows of one sample (partial_elements, fp32) no larger than the sample in
+    16-bit; a per-sample channel map that would walk a weight in at least
+    PHI_BLOCKS_MIN_STEPS steps (map_steps, each a serial round trip; below that the big
+    pass's extra work costs more than it saves); and the big pass either unsplit already
+    or with fewer steps per program unsplit (unsplit_steps) than that walk."""
+    if partial_elements > C * P // 2 or map_steps < PHI_BLOCKS_MIN_STEPS:
+        return False
+    return splits == 1 or unsplit_steps < map_steps
+
+
+def phi_channel_programs(N: int, C: int, sms: int):
+    """(programs per sample, channels per program) of the channel-map forward after an
+    unsplit F1: about one program per SM in all, each at least PHI_MIN_CHANNELS channels
+    (each program re-adds the sample's partial rows)."""
+    programs = max(1, min(cdiv(sms, N), cdiv(C, PHI_MIN_CHANNELS)))
+    per = cdiv(cdiv(C, programs), 16) * 16
+    return cdiv(C, per), per
+
+
+def hidden_block(hidden: int, block_c: int, dtype, big_tiles: int = 2) -> int:
+    """Hidden units per step of a big pass's partial rows of an MLP product (F1: W1 v, B2:
+    W2^T dlogits) over block_c channels: the hidden units, rounded up to a power of two of
+    at least 16, in a [BLOCK_H, block_c] weight tile no larger than big_tiles big tiles
+    (B2, which holds more values live, takes one: two spill in some sm_80 builds)."""
+    elements = TILE_ELEMENTS // 2 if dtype == torch.float64 else TILE_ELEMENTS
+    return min(_pow2_at_least(hidden, 16), max(1, big_tiles * elements // block_c))
+
+
 def phi_bwd_tiles(hidden: int, two_layers: bool, block_pb: int, dtype):
     """(BLOCK_C, BLOCK_H) of the channel-map backward: half the forward's weight tile
     (it keeps more rows live; ptxas spills on sm_90 with the forward's)."""
@@ -423,6 +485,14 @@ def block_plan(N: int, C: int, H: int, W: int, hidden: int, two_layers: bool, sp
     """The plan of one block call; see the module docstring."""
     P = H * W
     f1 = reduction_plan(N, C, P, p_contig, dtype, sms)
+    if two_layers and hidden > MAX_HIDDEN:
+        raise ValueError(f"cbam_fused: the channel MLP's hidden size is at most {MAX_HIDDEN}, "
+                         f"got {hidden}")
+    phi_block_c, phi_block_h = phi_tiles(hidden, two_layers, f1.block_s, dtype)
+    phi_blocks = two_layers and channel_map_blocks(
+        f1.r_blocks * 2 * hidden, C, P, f1.splits, cdiv(P, f1.block_k), cdiv(C, phi_block_c))
+    if phi_blocks and f1.splits > 1:
+        f1 = reduction_plan(N, C, P, p_contig, dtype, sms, splits=1)
     f2 = reduction_plan(N, P, C, not p_contig, dtype, sms)
     block_c, block_p = cp_blocks(C, P, p_contig, dtype)
     c_blocks = cdiv(C, block_c)
@@ -432,17 +502,19 @@ def block_plan(N: int, C: int, H: int, W: int, hidden: int, two_layers: bool, sp
     b2_splits, b2_p_per_split = position_split(N, C, P, p_contig, dtype, sms)
     ew_groups, ew_p_per_program = elementwise_position_groups(N, C, P, p_contig, dtype, sms)
 
-    if two_layers and hidden > MAX_HIDDEN:
-        raise ValueError(f"cbam_fused: the channel MLP's hidden size is at most {MAX_HIDDEN}, "
-                         f"got {hidden}")
-    phi_block_c, phi_block_h = phi_tiles(hidden, two_layers, f1.block_s, dtype)
     bwd_block_cs = merge_block(b1_splits)
     psi_block = psi_block_p(max(f2.block_s, bwd_block_cs), dtype)
     bwd_block_pb = min(8, merge_block(b1_p_blocks))  # merged 8 at a time at most (a loop)
     phi_bwd_block_c = phi_bwd_tiles(hidden, two_layers, bwd_block_pb, dtype)[0]
+    phi_bwd_blocks = spatial and two_layers and channel_map_blocks(
+        c_blocks * hidden, C, P, b2_splits, cdiv(P, block_p), cdiv(C, phi_bwd_block_c))
+    if phi_bwd_blocks and b2_splits > 1:
+        b2_splits, b2_p_per_split = position_split(N, C, P, p_contig, dtype, sms, splits=1)
     wg_tile = weight_tile(hidden, two_layers, C, sms)
     tiles1, tiles2, rows1, rows2 = weight_grad_grid(hidden, two_layers, C, wg_tile)
     rows = psi_rows(N, H, sms)
+    phi_c_programs, phi_c_per_program = phi_channel_programs(N, C, sms)
+    phi_blocks_c, _, phi_blocks_rb = phi_blocks_tiles(hidden, dtype)
     return BlockPlan(N, C, H, W, hidden, two_layers, spatial, kernel_size if spatial else 0,
                      p_contig, dtype, f1, f2, block_c, block_p,
                      c_blocks, b1_block_c, b1_block_p, b1_p_blocks, b1_splits,
@@ -451,7 +523,9 @@ def block_plan(N: int, C: int, H: int, W: int, hidden: int, two_layers: bool, sp
                      psi_block, rows, cdiv(H, rows),
                      bwd_block_pb,
                      bwd_block_cs, min(8, merge_block(b2_splits)), tiles1, tiles2,
-                     rows1, rows2, wg_tile)
+                     rows1, rows2, wg_tile, phi_blocks, phi_c_programs, phi_c_per_program,
+                     phi_blocks_c, phi_blocks_rb, hidden_block(hidden, f1.block_r, dtype),
+                     phi_bwd_blocks, hidden_block(hidden, block_c, dtype, 1))
 
 
 @functools.lru_cache(maxsize=4096)

@@ -7,7 +7,8 @@ avg/mx the channel pools of x over p (argmax j[c]).
     B1  read g, x:  Gs[p]  = sum_c g*x*ca            (= dL/dsa)
                     Gc1[c] = sum_p g*x*sa            (direct part of dL/dca)
     B2  read x:     Gc2[c] = sum_p x*(dsmean[p]/C + dsmax[p]*e_k[c, p])   (partial rows over
-                    splits of the positions, merged by the channel map's backward)
+                    splits of the positions, merged by the channel map's backward; unsplit,
+                    B2 itself forms dlogits and the W2^T dlogits partial rows)
     B3  read g, write dx:
         dx = (g*sa + dsmean/C + dsmax*e_k)*ca + davg/P + dmx*e_j
 
@@ -18,7 +19,9 @@ positions whose max is tied; elsewhere the stored argmax decides.
 import triton
 import triton.language as tl
 
-from .plane import STAGES, _elementwise_program, _plane_offsets, _plane_tile
+from .channel_gate import _weight_slice_products
+from .plane import (STAGES, _elementwise_program, _plane_offsets, _plane_tile,
+                    _sum_partial_rows)
 
 
 @triton.jit
@@ -86,17 +89,31 @@ def _bwd_spatial_pool_kernel(
     sidx_ptr,     # [N, P] int32      first channel reaching it
     scnt_ptr,     # [N, P] int32      number of channels reaching it (AMAX)
     gc2_part_ptr,  # [N, PS, C] ACC_DTYPE  output: partial sums of Gc2 over PS position splits
+                   # (not DR_PARTIAL)
+    gc_part_ptr,   # [N, PB, C] ACC_DTYPE  B1's partial rows of Gc1 (DR_PARTIAL)
+    w2_ptr,        # [C, HID] second-layer weights of the channel MLP (DR_PARTIAL)
+    dlog_ptr,      # [N, C] ACC_DTYPE      out: dL/dlogits (DR_PARTIAL)
+    drpart_ptr,    # [N, num_c_blocks, HID] ACC_DTYPE out: partial rows of W2^T dlogits
     C, P,
     p_per_split,  # positions per split, a multiple of BLOCK_P
-    num_c_blocks, num_p_splits,
+    num_c_blocks, num_p_splits, PB, HID,
     AMAX: tl.constexpr,
+    DR_PARTIAL: tl.constexpr,  # one split: also dlogits and the W2^T dlogits partials
     P_CONTIG: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
     NUM_STAGES: tl.constexpr,  # software-pipelining depth of the loop (1: none)
+    BLOCK_PB: tl.constexpr,    # B1 partial rows merged at once (DR_PARTIAL)
+    BLOCK_H: tl.constexpr,     # hidden units per step of the partial (DR_PARTIAL)
+    HID_LOOP: tl.constexpr,    # BLOCK_H < HID: the partial loops over hidden blocks
 ):
     """Gc2[c] = sum_p x[c, p] * (dsmean[p] / C + dsmax[p] * e_k[c, p])
+
+    DR_PARTIAL (num_p_splits == 1, two-layer MLP): with Gc = Gc1 (the sum of B1's PB
+    partial rows) + Gc2, for this program's channel block B:
+        dlogits[c] = Gc[c] * ca[c] * (1 - ca[c]),
+        drpart[n, cb, j] = sum_{c in B} W2[c, j] * dlogits[c]
 
     The part of dL/dca that flows through the spatial pools of y = x * ca. One program
     sums the positions of one split for a block of channels; the channel map's backward
@@ -133,8 +150,19 @@ def _bwd_spatial_pool_kernel(
             sidx = tl.load(sidx_ptr + row + offs_p, mask=mask_p, other=-1)
             ek = tl.where(offs_c[:, None] == sidx[None, :], 1.0, 0.0)
         acc += tl.where(mask, x * (dsm[None, :] * inv_c + dsx[None, :] * ek), 0.0)
-    out = (n.to(tl.int64) * num_p_splits + ps) * C + offs_c
-    tl.store(gc2_part_ptr + out, tl.sum(acc, 1), mask=mask_c)
+    gc2 = tl.sum(acc, 1)
+    if DR_PARTIAL:
+        if not AMAX:
+            ca = tl.load(ca_ptr + n.to(tl.int64) * C + offs_c, mask=mask_c, other=0.0)
+        gc = _sum_partial_rows(gc_part_ptr, n, PB, C, offs_c, mask_c, ACC_DTYPE, BLOCK_PB) + gc2
+        dlog = tl.where(mask_c, gc * (ca * (1 - ca)), 0.0)
+        tl.store(dlog_ptr + n.to(tl.int64) * C + offs_c, dlog, mask=mask_c)
+        _weight_slice_products(w2_ptr, 1, HID, offs_c, mask_c, dlog, dlog, drpart_ptr,
+                               (n.to(tl.int64) * num_c_blocks + cb) * HID, HID, False,
+                               HID_LOOP, ACC_DTYPE, BLOCK_H, NUM_STAGES)
+    else:
+        out = (n.to(tl.int64) * num_p_splits + ps) * C + offs_c
+        tl.store(gc2_part_ptr + out, gc2, mask=mask_c)
 
 
 @triton.jit

@@ -153,8 +153,8 @@ def _sum_partial_rows(part_ptr, n, num_parts, R, offs_r, mask_r, ACC_DTYPE: tl.c
     for b0 in range(0, num_parts, BLOCK):
         offs_b = b0 + tl.arange(0, BLOCK)
         m = mask_r[:, None] & (offs_b[None, :] < num_parts)
-        part = tl.load(part_ptr + (n.to(tl.int64) * num_parts + offs_b[None, :]) * R
-                       + offs_r[:, None], mask=m, other=0.0)
+        part = tl.load(part_ptr + ((n.to(tl.int64) * num_parts + offs_b[None, :]) * R
+                                   + offs_r[:, None]), mask=m, other=0.0)
         acc += tl.sum(part, 1)
     return acc
 

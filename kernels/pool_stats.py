@@ -9,10 +9,16 @@ A long K can be split over several programs (S splits); each writes a partial
 row, and the small-map kernel that reads the statistics next merges the S partials in
 a fixed order (plane._combined_stats), so the result is deterministic with no atomics
 and the split costs no launch.
+
+F1 unsplit (one split) can also start the channel map: each program then holds the
+finished statistics of its BLOCK_R channels and multiplies them into the matching
+columns of W1 (HID_PARTIAL), so the channel-map kernel only adds one partial row per
+channel block instead of walking all of W1 per sample (channel_gate.py).
 """
 import triton
 import triton.language as tl
 
+from .channel_gate import _mlp_inputs, _weight_slice_products
 from .plane import _finalize_max_stats, _plane_offsets
 
 
@@ -24,18 +30,28 @@ def _pool_stats_kernel(
     max_ptr,    # [N, S, R] ACC_DTYPE   max (NaN-propagating)
     idx_ptr,    # [N, S, R] int32       first column reaching the max
     cnt_ptr,    # [N, S, R] int32       number of columns equal to the max
+    w1_ptr,     # [HID, R] first-layer weights of the channel MLP (HID_PARTIAL), any float dtype
+    hpart_ptr,  # [N, num_r_blocks, 2, HID] ACC_DTYPE out: partial layer-1 rows (HID_PARTIAL)
     R, K,
     k_per_split,   # columns per split, a multiple of BLOCK_K
-    num_r_blocks, num_splits,
+    num_r_blocks, num_splits, HID,
     HAS_SCALE: tl.constexpr,
+    HID_PARTIAL: tl.constexpr,  # F1 with one split: also the partial layer-1 rows
+    POOL: tl.constexpr,         # the channel MLP's inputs (channel_gate._mlp_inputs)
     K_CONTIG: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,  # software-pipelining depth of the K loop (1: none)
+    BLOCK_H: tl.constexpr,     # hidden units per step of the layer-1 partial (HID_PARTIAL)
+    HID_LOOP: tl.constexpr,    # BLOCK_H < HID: the partial loops over hidden blocks
 ):
     """v[r, k] = x[r, k] * scale[k];   for each row r over k in the split:
          sum = sum_k v,  max = max_k v,  idx = min{k : v == max},  cnt = #{k : v == max}
+
+    HID_PARTIAL (num_splits == 1, R = C, K = H*W):  with avg = sum / K and v_b the MLP
+    inputs (_mlp_inputs), for this program's channel block B:
+         hpart[n, rb, b, j] = sum_{c in B} W1[j, c] * v_b[c]          (b = 1 for POOL 0 only)
 
     Each lane keeps its own running (sum, max, idx, cnt) across the loop; lanes
     are merged once at the end. Columns are visited in increasing order per lane,
@@ -79,3 +95,9 @@ def _pool_stats_kernel(
     tl.store(max_ptr + out, m, mask=mask_r)
     tl.store(idx_ptr + out, idx, mask=mask_r)
     tl.store(cnt_ptr + out, cnt, mask=mask_r)
+    if HID_PARTIAL:
+        v_a, v_m = _mlp_inputs(total / tl.cast(K, ACC_DTYPE), m, POOL)
+        _weight_slice_products(w1_ptr, R, 1, offs_r, mask_r, tl.where(mask_r, v_a, 0.0),
+                               tl.where(mask_r, v_m, 0.0), hpart_ptr,
+                               (n.to(tl.int64) * num_r_blocks + rb) * 2 * HID, HID, POOL == 0,
+                               HID_LOOP, ACC_DTYPE, BLOCK_H, NUM_STAGES)

@@ -159,3 +159,60 @@ def test_plan_of_a_large_gpu(case, layout, device, monkeypatch):
     m = make_module(variant, C, device, kernel_size=kernel_size)
     x = make_input(shape, torch.float32, layout, device)
     check_pair(run_pair(m, x), torch.float32, shape, f"132 SMs {variant}/{shape}/{layout}")
+
+
+# (shape, layout, phi_blocks, phi_bwd_blocks, hidden loop) on 132 SMs, hidden = C / 4.
+# Forward: F1 unsplit as planned (NCHW), or made unsplit for the channel map (1x520x6x6
+# channels_last, which F1 alone would split over H*W), forms the layer-1 partials of its
+# channel blocks and the channel map runs several programs per sample; or F1 stays split
+# and the channel map runs one program per sample (300 channels: too few W1 steps to be
+# worth F1's extra work). Backward: B2, made unsplit where its plan splits it (the
+# channels_last cases), forms dlogits and the W2^T dlogits partials, and the channel map's
+# backward runs several programs per sample. The partials loop over blocks of the 75-150
+# hidden units, or (8-channel NCHW tiles, 120 hidden units, 16-bit and fp32 I/O) take them
+# in one tile.
+CHANNEL_MAP_CASES = [((2, 600, 6, 5), "nchw", True, True, True),
+                     ((2, 480, 9, 9), "nchw", True, True, False),
+                     ((1, 520, 6, 6), "channels_last", True, True, True),
+                     ((2, 300, 6, 5), "channels_last", False, True, True)]  # 16-/32-bit I/O
+
+
+# every pool mode in fp32; the other precisions with the two-branch one
+CHANNEL_MAP_RUNS = [(v, torch.float32) for v in ("official", "timm", "timm_light")] + [
+    ("timm", torch.bfloat16), ("timm", torch.float64)]
+
+
+@pytest.mark.parametrize("variant,dtype", CHANNEL_MAP_RUNS, ids=lambda v: str(v))
+@pytest.mark.parametrize("case", CHANNEL_MAP_CASES,
+                         ids=lambda c: f"{'x'.join(map(str, c[0]))}-{c[1]}")
+def test_channel_map_paths(case, variant, dtype, device, monkeypatch):
+    """The channel-map kernels of the 132-SM plan against the reference: per channel range
+    after F1's or B2's partials, and per sample after a split F1. (Per sample after a
+    split B2: the other 132-SM cases, test_plan_of_a_large_gpu.)"""
+    from cbam_fused import plan as plan_module
+
+    shape, layout, phi_blocks, phi_bwd_blocks, hid_loop = case
+    N, C, H, W = shape
+    p_contig = layout == "nchw"
+    monkeypatch.setattr(plan_module, "INTERPRETER_SM_COUNT", 132)
+    plan = plan_module.block_plan(N, C, H, W, C // 4, True, True, 7, p_contig, dtype, 132)
+    # the plans described above are those of 16- and 32-bit I/O; fp64's halved tiles (and
+    # doubled partial rows) pick per-sample kernels in NCHW, per-range ones in channels_last
+    if dtype != torch.float64:
+        assert (plan.phi_blocks, plan.phi_bwd_blocks) == (phi_blocks, phi_bwd_blocks)
+        split = plan_module.reduction_plan(N, C, H * W, p_contig, dtype, 132).splits
+        assert plan.f1.splits == (1 if phi_blocks else split)
+        assert (split > 1) == (layout == "channels_last")
+        b2_split = plan_module.position_split(N, C, H * W, p_contig, dtype, 132)[0]
+        assert plan.b2_splits == 1 and (b2_split > 1) == (layout == "channels_last")
+        assert plan.phi_c_programs > 1 and plan.phi_c_programs * plan.phi_c_per_program >= C
+        hidden = C // 4
+        loops = (plan.b2_block_h < hidden, plan.f1_block_h < hidden or not phi_blocks)
+        assert loops == ((True, True) if hid_loop else (False, False))
+    else:
+        assert (plan.phi_blocks, plan.phi_bwd_blocks) == (layout == "channels_last", True)
+    m = make_module(variant, C, device)
+    if dtype == torch.float64:
+        m = m.double()
+    x = make_input(shape, dtype, layout, device)
+    check_pair(run_pair(m, x), dtype, shape, f"channel map {variant}/{shape}/{layout}")

@@ -21,7 +21,9 @@ pytestmark = pytest.mark.skipif(
 
 # Kernels whose loops are software-pipelined (tl.range num_stages, kernels/plane.py STAGES):
 # their loads must come out as cp.async, or each loop step waits a full memory round trip.
-PIPELINED_KERNELS = ("_channel_gate_fwd_kernel", "_channel_gate_bwd_kernel", "_pool_stats_kernel",
+PIPELINED_KERNELS = ("_channel_gate_fwd_kernel", "_channel_gate_fwd_blocks_kernel",
+                     "_channel_gate_bwd_blocks_kernel", "_channel_gate_bwd_kernel",
+                     "_pool_stats_kernel",
                      "_bwd_gate_sums_kernel", "_bwd_spatial_pool_kernel",
                      "_spatial_gate_fwd_kernel", "_bwd_input_kernel", "_gate_apply_kernel")
 BIG_TENSOR_KERNELS = ("_pool_stats_kernel", "_gate_apply_kernel", "_bwd_gate_sums_kernel",
