@@ -237,15 +237,24 @@ def _small_map_configs(acc_dtypes):
     return out
 
 
-def _hidden_tiles(block_c: int, dtype, big_tiles: int):
+def _hidden_tiles(block_c: int, dtype, big_tiles: int, every: bool):
     """(BLOCK_H, HID_LOOP) of the hidden tiles a big pass with block_c channels per program
     can take for the channel MLP's partial rows (plan.hidden_block): alone (covering the
-    hidden units) and the largest also in a loop; every tile with fp32 I/O, the largest
-    alone otherwise (smaller tiles hold fewer values; all compile spill-free in fp32)."""
+    hidden units) and the largest also in a loop; every tile when `every` with fp32 I/O
+    (F1: ptxas once held smaller tiles to fewer registers than the largest, and spilled),
+    else the largest."""
     block_hs = sorted({PL.hidden_block(2 ** i, block_c, dtype, big_tiles) for i in range(11)})
-    if dtype != torch.float32:
+    if dtype != torch.float32 or not every:
         block_hs = block_hs[-1:]
     return [(b, False) for b in block_hs] + [(block_hs[-1], True)]
+
+
+def _partial_stages(stages, partial: bool, largest: bool):
+    """The pipelining depths built for a big pass: every one, except that a pass forming
+    the channel MLP's partial rows is built unpipelined only at its largest hidden tiles
+    (alone and looping) and two-branch pool mode (fewer builds; the others hold fewer
+    values)."""
+    return stages if not partial or largest else stages[:1]
 
 
 def launch_configs(dtypes=DTYPES):
@@ -265,13 +274,14 @@ def launch_configs(dtypes=DTYPES):
             block_k, block_r = (contig, other) if k_contig else (other, contig)
             # F2 (scaled), F1, F1 with the channel MLP's layer-1 partials (two-branch pool
             # mode at every hidden tile; the others with fp32 I/O, looping)
-            hid_tiles = _hidden_tiles(block_r, dtype, 2)
+            hid_tiles = _hidden_tiles(block_r, dtype, 2, every=True)
             variants = [(True, False, 0, 1, False), (False, False, 0, 1, False)] + [
                 (False, True, 0, block_h, loop) for block_h, loop in hid_tiles] + [
                 (False, True, pool, *hid_tiles[-1])
                 for pool in ((1, 2) if dtype == torch.float32 else ())]
             for has_scale, hid_partial, pool, block_h, loop in variants:
-                for st in stages:
+                for st in _partial_stages(stages, hid_partial, pool == 0 and
+                                          (block_h, loop) in hid_tiles[-2:]):
                     add(_pool_stats_kernel, dtype, HAS_SCALE=has_scale, HID_PARTIAL=hid_partial,
                         POOL=pool, K_CONTIG=k_contig, BLOCK_R=block_r, BLOCK_K=block_k,
                         NUM_STAGES=st, BLOCK_H=block_h, HID_LOOP=loop)
@@ -292,12 +302,12 @@ def launch_configs(dtypes=DTYPES):
                     for loop in (False, True):
                         add(_bwd_input_kernel, dtype, HAS_SA=has_sa, AMAX=amax, LOOP=loop, **blk)
             # B2, and B2 with dlogits and the W2^T dlogits partials (ties: AMAX; B1's
-            # partial rows merged 8 at a time) at every hidden tile
+            # partial rows merged 8 at a time)
+            b2_tiles = _hidden_tiles(block_c, dtype, 1, every=False)
             b2_variants = [(amax, False, 1, 1, False) for amax in (False, True)] + [
-                (True, True, 8, block_h, loop)
-                for block_h, loop in _hidden_tiles(block_c, dtype, 1)]
+                (True, True, 8, block_h, loop) for block_h, loop in b2_tiles]
             for amax, dr_partial, block_pb, block_h, loop in b2_variants:
-                for st in stages:
+                for st in _partial_stages(stages, dr_partial, (block_h, loop) in b2_tiles[-2:]):
                     add(_bwd_spatial_pool_kernel, dtype, AMAX=amax, DR_PARTIAL=dr_partial,
                         NUM_STAGES=st, BLOCK_PB=block_pb, BLOCK_H=block_h, HID_LOOP=loop, **blk)
     acc_dtypes = sorted({torch.float32 if d != torch.float64 else d for d in dtypes}, key=str)

@@ -87,6 +87,63 @@ def _weight_slice_products(w_ptr, stride_h, stride_c, offs_c, mask_c, v_a, v_m, 
 
 
 @triton.jit
+def _sum_hidden_rows(part_ptr, base, num_rows, row_stride, second, offs_h, mask_h,
+                     TWO: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_H: tl.constexpr,
+                     BLOCK_RB: tl.constexpr):
+    """(a, m): the sums of num_rows partial rows of hidden units, BLOCK_RB rows at a time in
+    a fixed order (row r's unit j at part_ptr + base + r * row_stride + j; m from the rows
+    `second` elements further, when TWO, else zero)."""
+    acc_a = tl.zeros([BLOCK_H], ACC_DTYPE)
+    acc_m = tl.zeros([BLOCK_H], ACC_DTYPE)
+    for r0 in tl.range(0, num_rows, BLOCK_RB, num_stages=STAGES):
+        offs_rb = r0 + tl.arange(0, BLOCK_RB)
+        mask = (offs_rb < num_rows)[:, None] & mask_h[None, :]
+        offs = base + offs_rb[:, None].to(tl.int64) * row_stride + offs_h[None, :]
+        acc_a += tl.sum(tl.load(part_ptr + offs, mask=mask, other=0.0), 0)
+        if TWO:
+            acc_m += tl.sum(tl.load(part_ptr + (offs + second), mask=mask, other=0.0), 0)
+    return acc_a, acc_m
+
+
+@triton.jit
+def _hidden_grads(h_ptr, hrow, dr, offs_h, mask_h, HID, POOL: tl.constexpr,
+                  ACC_DTYPE: tl.constexpr, BLOCK_H: tl.constexpr):
+    """(dh_a, dh_m) = dr * [h_b > 0] through the relu of each branch (NaN passes), from the
+    pre-activation rows at h_ptr + hrow; dh_m is zero unless POOL 0 (one branch)."""
+    h_a = tl.load(h_ptr + hrow + offs_h, mask=mask_h, other=0.0)
+    dh_a = tl.where(mask_h, tl.where(h_a <= 0, 0.0, dr), 0.0)
+    if POOL == 0:
+        h_m = tl.load(h_ptr + hrow + HID + offs_h, mask=mask_h, other=0.0)
+        dh_m = tl.where(mask_h, tl.where(h_m <= 0, 0.0, dr), 0.0)
+    else:
+        dh_m = tl.zeros([BLOCK_H], ACC_DTYPE)
+    return dh_a, dh_m
+
+
+@triton.jit
+def _pool_input_grads(w1_ptr, davg_ptr, dmx_ptr, row, C, c_start, c_end, offs_h, mask_h, dh_a,
+                      dh_m, POOL: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr):
+    """davg, dmx of channels c_start .. c_end from dv_b = W1^T dh_b (see the module
+    docstring for how each pool mode splits dv between them)."""
+    for c0 in tl.range(c_start, c_end, BLOCK_C, num_stages=STAGES):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < c_end
+        w1 = tl.load(w1_ptr + offs_h[:, None] * C + offs_c[None, :],
+                     mask=mask_h[:, None] & mask_c[None, :], other=0.0).to(ACC_DTYPE)
+        dv_a = tl.sum(w1 * dh_a[:, None], 0)
+        if POOL == 0:
+            tl.store(davg_ptr + row + offs_c, dv_a, mask=mask_c)
+            tl.store(dmx_ptr + row + offs_c, tl.sum(w1 * dh_m[:, None], 0), mask=mask_c)
+        elif POOL == 1:
+            half = 0.5 * dv_a
+            tl.store(davg_ptr + row + offs_c, half, mask=mask_c)
+            tl.store(dmx_ptr + row + offs_c, half, mask=mask_c)
+        else:
+            tl.store(davg_ptr + row + offs_c, dv_a, mask=mask_c)
+            tl.store(dmx_ptr + row + offs_c, tl.zeros([BLOCK_C], ACC_DTYPE), mask=mask_c)
+
+
+@triton.jit
 def _channel_gate_fwd_kernel(
     psum_ptr, pmax_ptr,   # [N, S, C] ACC_DTYPE   F1 partials over S splits of H*W
     pidx_ptr, pcnt_ptr,   # [N, S, C] int32
@@ -221,16 +278,9 @@ def _channel_gate_fwd_blocks_kernel(
     row = n.to(tl.int64) * C
     offs_h = tl.arange(0, BLOCK_H)
     mask_h = offs_h < HID
-    acc_a = tl.zeros([BLOCK_H], ACC_DTYPE)
-    acc_m = tl.zeros([BLOCK_H], ACC_DTYPE)
-    hbase = n.to(tl.int64) * RB * 2 * HID
-    for r0 in tl.range(0, RB, BLOCK_RB, num_stages=STAGES):
-        offs_rb = r0 + tl.arange(0, BLOCK_RB)
-        mask = (offs_rb < RB)[:, None] & mask_h[None, :]
-        offs = hbase + offs_rb[:, None].to(tl.int64) * 2 * HID + offs_h[None, :]
-        acc_a += tl.sum(tl.load(hpart_ptr + offs, mask=mask, other=0.0), 0)
-        if POOL == 0:
-            acc_m += tl.sum(tl.load(hpart_ptr + offs + HID, mask=mask, other=0.0), 0)
+    acc_a, acc_m = _sum_hidden_rows(hpart_ptr, n.to(tl.int64) * RB * 2 * HID, RB, 2 * HID,
+                                    HID, offs_h, mask_h, POOL == 0, ACC_DTYPE, BLOCK_H,
+                                    BLOCK_RB)
     if HAS_B1:
         b1 = tl.load(b1_ptr + offs_h, mask=mask_h, other=0.0).to(ACC_DTYPE)
         acc_a += b1
@@ -292,47 +342,22 @@ def _channel_gate_bwd_blocks_kernel(
     The first program of a sample stores dh (the weight gradients read it).
     """
     pid = tl.program_id(0)
-    cp = pid % num_c_programs
     n = pid // num_c_programs
-    row = n.to(tl.int64) * C
     offs_h = tl.arange(0, BLOCK_H)
     mask_h = offs_h < HID
-    dr = tl.zeros([BLOCK_H], ACC_DTYPE)
-    rbase = n.to(tl.int64) * CB * HID
-    for r0 in tl.range(0, CB, BLOCK_RB, num_stages=STAGES):
-        offs_rb = r0 + tl.arange(0, BLOCK_RB)
-        mask = (offs_rb < CB)[:, None] & mask_h[None, :]
-        dr += tl.sum(tl.load(drpart_ptr + rbase + offs_rb[:, None].to(tl.int64) * HID
-                             + offs_h[None, :], mask=mask, other=0.0), 0)
+    dr, _ = _sum_hidden_rows(drpart_ptr, n.to(tl.int64) * CB * HID, CB, HID, 0, offs_h, mask_h,
+                             False, ACC_DTYPE, BLOCK_H, BLOCK_RB)
+    row = n.to(tl.int64) * C
+    cp = pid % num_c_programs
     hrow = n.to(tl.int64) * 2 * HID
-    h_a = tl.load(h_ptr + hrow + offs_h, mask=mask_h, other=0.0)
-    dh_a = tl.where(mask_h, tl.where(h_a <= 0, 0.0, dr), 0.0)  # relu backward (NaN passes)
-    if POOL == 0:
-        h_m = tl.load(h_ptr + hrow + HID + offs_h, mask=mask_h, other=0.0)
-        dh_m = tl.where(mask_h, tl.where(h_m <= 0, 0.0, dr), 0.0)
-    else:
-        dh_m = tl.zeros([BLOCK_H], ACC_DTYPE)
+    dh_a, dh_m = _hidden_grads(h_ptr, hrow, dr, offs_h, mask_h, HID, POOL, ACC_DTYPE, BLOCK_H)
     if cp == 0:
         tl.store(dh_ptr + hrow + offs_h, dh_a, mask=mask_h)
         tl.store(dh_ptr + hrow + HID + offs_h, dh_m, mask=mask_h)
     c_start = cp * c_per_program
-    c_end = tl.minimum(c_start + c_per_program, C)
-    for c0 in tl.range(c_start, c_end, BLOCK_C, num_stages=STAGES):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < c_end
-        w1 = tl.load(w1_ptr + offs_h[:, None] * C + offs_c[None, :],
-                     mask=mask_h[:, None] & mask_c[None, :], other=0.0).to(ACC_DTYPE)
-        dv_a = tl.sum(w1 * dh_a[:, None], 0)
-        if POOL == 0:
-            tl.store(davg_ptr + row + offs_c, dv_a, mask=mask_c)
-            tl.store(dmx_ptr + row + offs_c, tl.sum(w1 * dh_m[:, None], 0), mask=mask_c)
-        elif POOL == 1:
-            half = 0.5 * dv_a
-            tl.store(davg_ptr + row + offs_c, half, mask=mask_c)
-            tl.store(dmx_ptr + row + offs_c, half, mask=mask_c)
-        else:
-            tl.store(davg_ptr + row + offs_c, dv_a, mask=mask_c)
-            tl.store(dmx_ptr + row + offs_c, tl.zeros([BLOCK_C], ACC_DTYPE), mask=mask_c)
+    _pool_input_grads(w1_ptr, davg_ptr, dmx_ptr, row, C, c_start,
+                      tl.minimum(c_start + c_per_program, C), offs_h, mask_h, dh_a, dh_m,
+                      POOL, ACC_DTYPE, BLOCK_C)
 
 
 @triton.jit
@@ -380,31 +405,12 @@ def _channel_gate_bwd_kernel(
             dr += tl.sum(w2 * tl.where(mask_c, dlog, 0.0)[None, :], 1)
     if TWO_LAYERS:
         hrow = n.to(tl.int64) * 2 * HID
-        h_a = tl.load(h_ptr + hrow + offs_h, mask=mask_h, other=0.0)
-        dh_a = tl.where(mask_h, tl.where(h_a <= 0, 0.0, dr), 0.0)  # relu backward (NaN passes)
+        dh_a, dh_m = _hidden_grads(h_ptr, hrow, dr, offs_h, mask_h, HID, POOL, ACC_DTYPE,
+                                   BLOCK_H)
         tl.store(dh_ptr + hrow + offs_h, dh_a, mask=mask_h)
-        if POOL == 0:
-            h_m = tl.load(h_ptr + hrow + HID + offs_h, mask=mask_h, other=0.0)
-            dh_m = tl.where(mask_h, tl.where(h_m <= 0, 0.0, dr), 0.0)
-            tl.store(dh_ptr + hrow + HID + offs_h, dh_m, mask=mask_h)
-        else:
-            tl.store(dh_ptr + hrow + HID + offs_h, tl.zeros([BLOCK_H], ACC_DTYPE), mask=mask_h)
-        for c0 in tl.range(0, C, BLOCK_C, num_stages=STAGES):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
-            mask_c = offs_c < C
-            w1 = tl.load(w1_ptr + offs_h[:, None] * C + offs_c[None, :],
-                         mask=mask_h[:, None] & mask_c[None, :], other=0.0).to(ACC_DTYPE)
-            dv_a = tl.sum(w1 * dh_a[:, None], 0)
-            if POOL == 0:
-                tl.store(davg_ptr + row + offs_c, dv_a, mask=mask_c)
-                tl.store(dmx_ptr + row + offs_c, tl.sum(w1 * dh_m[:, None], 0), mask=mask_c)
-            elif POOL == 1:
-                half = 0.5 * dv_a
-                tl.store(davg_ptr + row + offs_c, half, mask=mask_c)
-                tl.store(dmx_ptr + row + offs_c, half, mask=mask_c)
-            else:
-                tl.store(davg_ptr + row + offs_c, dv_a, mask=mask_c)
-                tl.store(dmx_ptr + row + offs_c, tl.zeros([BLOCK_C], ACC_DTYPE), mask=mask_c)
+        tl.store(dh_ptr + hrow + HID + offs_h, dh_m, mask=mask_h)
+        _pool_input_grads(w1_ptr, davg_ptr, dmx_ptr, row, C, 0, C, offs_h, mask_h, dh_a, dh_m,
+                          POOL, ACC_DTYPE, BLOCK_C)
     else:
         # one layer: davg[k] = sum_c W1[c, k] dlogits[c], with dlogits stored above
         tl.debug_barrier()
