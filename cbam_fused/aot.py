@@ -249,14 +249,6 @@ def _hidden_tiles(block_c: int, dtype, big_tiles: int, every: bool):
     return [(b, False) for b in block_hs] + [(block_hs[-1], True)]
 
 
-def _partial_stages(stages, partial: bool, largest: bool):
-    """The pipelining depths built for a big pass: every one, except that a pass forming
-    the channel MLP's partial rows is built unpipelined only at its largest hidden tiles
-    (alone and looping) and two-branch pool mode (fewer builds; the others hold fewer
-    values)."""
-    return stages if not partial or largest else stages[:1]
-
-
 def launch_configs(dtypes=DTYPES):
     """Every (kernel, dtype, constexprs) the launchers in launchers.py can launch (see
     _small_map_configs for how the small-map kernels' variants are covered)."""
@@ -280,8 +272,7 @@ def launch_configs(dtypes=DTYPES):
                 (False, True, pool, *hid_tiles[-1])
                 for pool in ((1, 2) if dtype == torch.float32 else ())]
             for has_scale, hid_partial, pool, block_h, loop in variants:
-                for st in _partial_stages(stages, hid_partial, pool == 0 and
-                                          (block_h, loop) in hid_tiles[-2:]):
+                for st in stages:
                     add(_pool_stats_kernel, dtype, HAS_SCALE=has_scale, HID_PARTIAL=hid_partial,
                         POOL=pool, K_CONTIG=k_contig, BLOCK_R=block_r, BLOCK_K=block_k,
                         NUM_STAGES=st, BLOCK_H=block_h, HID_LOOP=loop)
@@ -307,7 +298,7 @@ def launch_configs(dtypes=DTYPES):
             b2_variants = [(amax, False, 1, 1, False) for amax in (False, True)] + [
                 (True, True, 8, block_h, loop) for block_h, loop in b2_tiles]
             for amax, dr_partial, block_pb, block_h, loop in b2_variants:
-                for st in _partial_stages(stages, dr_partial, (block_h, loop) in b2_tiles[-2:]):
+                for st in stages:
                     add(_bwd_spatial_pool_kernel, dtype, AMAX=amax, DR_PARTIAL=dr_partial,
                         NUM_STAGES=st, BLOCK_PB=block_pb, BLOCK_H=block_h, HID_LOOP=loop, **blk)
     acc_dtypes = sorted({torch.float32 if d != torch.float64 else d for d in dtypes}, key=str)
@@ -334,9 +325,7 @@ def launch_options(kernel, constexprs=None) -> dict:
     """The compile options the launchers give a kernel (launchers.py) with these
     constexprs."""
     if kernel.fn.__name__ in _BIG_PASSES:
-        if (constexprs or {}).get("HID_PARTIAL"):
-            return {"num_warps": PL.NUM_WARPS, "maxnreg": PL.PARTIAL_ROWS_MAXNREG}
-        return {"num_warps": PL.NUM_WARPS}
+        return PL.big_pass_options(bool((constexprs or {}).get("HID_PARTIAL")))
     return {"num_warps": PL.SMALL_NUM_WARPS, "maxnreg": PL.SMALL_MAXNREG}
 
 

@@ -27,8 +27,8 @@ from .kernels.spatial_gate import (_bn_partials_reduce_kernel, _spatial_gate_bwd
                                    _spatial_gate_bwd_stats_kernel, _spatial_gate_fwd_kernel)
 from .kernels.weight_grads import _weight_grads_kernel
 from .launch import jit_launch
-from .plan import (CONV_GRAD_BLOCK, NUM_WARPS, PARTIAL_ROWS_MAXNREG, SMALL_MAXNREG,
-                   SMALL_NUM_WARPS, Reduction, acc_dtype, b1_blocks, cdiv, channel_split,
+from .plan import (CONV_GRAD_BLOCK, NUM_WARPS, SMALL_MAXNREG, SMALL_NUM_WARPS,
+                   Reduction, acc_dtype, b1_blocks, big_pass_options, cdiv, channel_split,
                    conv_tiles, bn_parts_block, cp_blocks, elementwise_position_groups, loop_stages,
                    position_split, reduction_plan, sm_count, weight_grad_rows, weight_grad_samples)
 
@@ -152,8 +152,7 @@ def pool_stats_partials(x, R: int, K: int, k_contig: bool, red: Reduction, scale
         dict(HAS_SCALE=scale is not None, HID_PARTIAL=hid_partial is not None, POOL=pool,
              K_CONTIG=k_contig, ACC_DTYPE=_tl_acc(x.dtype),
              BLOCK_R=red.block_r, BLOCK_K=red.block_k, NUM_STAGES=red.stages, BLOCK_H=block_h,
-             HID_LOOP=block_h < hidden, num_warps=NUM_WARPS,
-             **({} if hid_partial is None else dict(maxnreg=PARTIAL_ROWS_MAXNREG))))
+             HID_LOOP=block_h < hidden, **big_pass_options(hid_partial is not None)))
     return outs
 
 

@@ -51,6 +51,15 @@ BN_PARTS_BLOCK = 256  # BatchNorm partial rows combined at once (one row per psi
 INTERPRETER_SM_COUNT = int(os.environ.get("CBAM_FUSED_SM_COUNT", "1"))
 
 
+def big_pass_options(partial_rows: bool = False) -> dict:
+    """Launch options of the big passes (launchers.py; aot.py builds with the same):
+    NUM_WARPS, and the register budget PARTIAL_ROWS_MAXNREG for F1 forming the channel
+    MLP's partial rows."""
+    if partial_rows:
+        return {"num_warps": NUM_WARPS, "maxnreg": PARTIAL_ROWS_MAXNREG}
+    return {"num_warps": NUM_WARPS}
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation and statistics dtype: fp64 for fp64 inputs, fp32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32
