@@ -131,5 +131,5 @@ def test_fake_forward_direct(benchmark):
 @pytest.mark.benchmark(group="host-library-dispatch-meta")
 def test_registered_forward(benchmark):
     """The registered op on meta tensors: dispatcher + fake. Eager calls skip it
-    (ops.passes()); compiled graphs call it."""
+    (function.passes()); compiled graphs call it."""
     benchmark(ops.OPS_RAW.block_forward, *_meta_forward_args())

@@ -36,6 +36,7 @@ import operator
 import os
 
 import torch
+from triton import knobs
 
 FAST_LAUNCH_ENV = "CBAM_FUSED_FAST_LAUNCH"
 # The float arguments of the kernels: per call values (the BatchNorm eps and momentum,
@@ -59,7 +60,6 @@ def use_fast_launch(x: torch.Tensor) -> bool:
 
 
 def _launch_hooks() -> bool:
-    from triton import knobs
     return knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
 
 

@@ -6,7 +6,7 @@ known output shapes, strides and dtypes. Autograd lives one level up, in the
 block-level autograd.Function (function.py).
 
 Eager calls skip the dispatcher and call the Python implementation directly
-(`passes()`): the registered op costs microseconds of host time per call that buy
+(`function.passes()`): the registered op costs microseconds of host time per call that buy
 nothing outside a compiler. Both routes run the same code.
 
 Ops (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1):
@@ -157,26 +157,5 @@ class _Registered:
         return (res[0] if need_dx else None), dict(zip(present, res[1:]))
 
 
-class _Direct:
-    """The same implementation, called without the dispatcher (eager)."""
-
-    @staticmethod
-    def block_forward(xd, p_contig, spec, w, bn_batch_stats, momentum, group=None):
-        from .function import fused_forward
-        return fused_forward(xd, p_contig, spec, w, bn_batch_stats, momentum, group)
-
-    @staticmethod
-    def block_backward(g, xd, p_contig, saved_acc, saved_i32, spec, w, bn_batch_stats, need_dx,
-                       group=None):
-        from .function import fused_backward
-        return fused_backward(g, xd, p_contig, saved_acc, saved_i32, spec, w, bn_batch_stats,
-                              need_dx, group)
-
-
 OPS = _Registered
-DIRECT = _Direct
 
-
-def passes():
-    """The registered ops while torch.compile traces, the direct implementation otherwise."""
-    return OPS if torch.compiler.is_compiling() else DIRECT

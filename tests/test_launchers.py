@@ -111,6 +111,7 @@ def test_bwd_spatial_pool_and_input(amax, layout, splits, device):
     p_contig = layout == "nchw"
     x = torch.randn(N, C, H, W, device=device)
     x[:, :, 0, 0] = 1.5          # tied spatial max at p = 0 (ca = 1 below)
+    x[:, :, H - 1, W - 1] = -0.5  # ... and at the last position: in B3's last tile only
     x[:, 2, 1, :] = 3.0          # tied channel max in channel 2
     g = torch.randn_like(x)
     if not p_contig:

@@ -65,7 +65,8 @@ def test_ops_outputs_match_direct_calls(device):
     m = make_module("official", 5, device, reduction=2)
     w = m.fused_weights()
     x = torch.randn(2, 5, 3, 7, device=device)
-    from cbam_fused.ops import DIRECT, OPS
+    from cbam_fused.function import DIRECT
+    from cbam_fused.ops import OPS
     state = [t.clone() for t in (w.bn_running_mean, w.bn_running_var, w.bn_num_batches_tracked)]
     got = OPS.block_forward(x, True, m.spec, w, True, 0.1)
     after_ops = [t.clone() for t in (w.bn_running_mean, w.bn_running_var, w.bn_num_batches_tracked)]
