@@ -199,6 +199,9 @@ def _small_map_configs(acc_dtypes):
         psi_tiles = [dict(BLOCK_P=PL.psi_block_p(bs, dtype), BLOCK_S=bs) for bs in bs_all]
 
         def conv(k):
+            return dict(KSIZE=k, BLOCK_Q=PL.conv_block())
+
+        def bwd_conv(k):
             kk_pad, block_q = PL.conv_tiles(k, dtype)
             return dict(KSIZE=k, KK_PAD=kk_pad, BLOCK_Q=block_q)
         psi_sets = [dict(f, **bn, **conv(7)) for f in _product(dict(
@@ -211,10 +214,10 @@ def _small_map_configs(acc_dtypes):
         add(_spatial_gate_bwd_stats_kernel, dtype, acc, [dict(BN_MODE=m) for m in (0, 1, 2)],
             dict(BN_MODE=2), [dict(BLOCK_P=t["BLOCK_P"], BLOCK_CS=t["BLOCK_S"]) for t in psi_tiles])
         add(_spatial_gate_bwd_kernel, dtype, acc,
-            [dict(POOL_ORDER=o, BN_MODE=bn["BN_MODE"], HAS_BN_W=bn["HAS_BN_W"], **conv(7))
+            [dict(POOL_ORDER=o, BN_MODE=bn["BN_MODE"], HAS_BN_W=bn["HAS_BN_W"], **bwd_conv(7))
              for o in (0, 1, 2) for bn in bn_sets]
-            + [dict(POOL_ORDER=0, BN_MODE=2, HAS_BN_W=True, **conv(k)) for k in (3, 5)],
-            dict(POOL_ORDER=0, BN_MODE=2, HAS_BN_W=True, **conv(7)),
+            + [dict(POOL_ORDER=0, BN_MODE=2, HAS_BN_W=True, **bwd_conv(k)) for k in (3, 5)],
+            dict(POOL_ORDER=0, BN_MODE=2, HAS_BN_W=True, **bwd_conv(7)),
             [dict(BLOCK_PARTS=PL.bn_parts_block(dtype))])
         add(_bn_partials_reduce_kernel, dtype, acc, [dict(MOMENTS=False), dict(MOMENTS=True)],
             dict(MOMENTS=True), [{}])

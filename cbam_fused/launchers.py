@@ -29,8 +29,9 @@ from .kernels.weight_grads import _weight_grads_kernel
 from .launch import jit_launch
 from .plan import (CONV_GRAD_BLOCK, NUM_WARPS, SMALL_MAXNREG, SMALL_NUM_WARPS,
                    Reduction, acc_dtype, b1_blocks, big_pass_options, cdiv, channel_split,
-                   conv_tiles, bn_parts_block, cp_blocks, elementwise_position_groups, loop_stages,
-                   position_split, reduction_plan, sm_count, weight_grad_rows, weight_grad_samples)
+                   conv_block, conv_tiles, bn_parts_block, cp_blocks, elementwise_position_groups,
+                   loop_stages, position_split, reduction_plan, sm_count, weight_grad_rows,
+                   weight_grad_samples)
 
 # launch options of the small-map kernels (plan.py)
 SMALL_OPTIONS = dict(num_warps=SMALL_NUM_WARPS, maxnreg=SMALL_MAXNREG)
@@ -210,7 +211,6 @@ def spatial_gate_fwd(plan, f: Flags, w, bufs, saved, eps: float, run=jit_launch)
     program per (sample, block of plan.psi_rows rows)."""
     acc = saved["u"]
     eps_hi, eps_lo = f64_pair(eps)
-    kk_pad, block_q = conv_tiles(f.kernel_size, plan.dtype)
     run(_spatial_gate_fwd_kernel, (plan.psi_programs,),
         (bufs["f2_sum"], bufs["f2_max"], bufs["f2_idx"], bufs["f2_cnt"],
          w.conv_weight, _or(w.conv_bias, acc), _or(w.bn_weight, acc), _or(w.bn_bias, acc),
@@ -222,7 +222,7 @@ def spatial_gate_fwd(plan, f: Flags, w, bufs, saved, eps: float, run=jit_launch)
         dict(POOL_ORDER=f.pool_order, KSIZE=f.kernel_size, HAS_CONV_BIAS=f.has_conv_bias,
              BN_MODE=f.bn_mode, HAS_BN_W=f.has_bn_w, HAS_BN_B=f.has_bn_b,
              ACC_DTYPE=_tl_acc(plan.dtype), BLOCK_P=plan.psi_block_p, BLOCK_S=plan.f2.block_s,
-             KK_PAD=kk_pad, BLOCK_Q=block_q, **SMALL_OPTIONS))
+             BLOCK_Q=conv_block(), **SMALL_OPTIONS))
 
 
 def bn_partials_reduce(parts, num_parts: int, moments: bool, run=jit_launch):

@@ -470,10 +470,16 @@ def phi_bwd_tiles(hidden: int, two_layers: bool, block_pb: int, dtype):
 
 @functools.lru_cache(maxsize=None)
 def conv_tiles(kernel_size: int, dtype):
-    """(KK_PAD, BLOCK_Q) of the k x k conv in the spatial-map kernels: every tap of BLOCK_Q
-    positions in one [BLOCK_Q, KK_PAD] gather."""
+    """(KK_PAD, BLOCK_Q) of the k x k transposed conv and weight gradient in the backward
+    spatial map: every tap of BLOCK_Q positions in one [BLOCK_Q, KK_PAD] gather."""
     kk_pad = triton.next_power_of_2(kernel_size * kernel_size)
     return kk_pad, max(16, small_tile(dtype) // 2 // kk_pad)  # two gathers live at once
+
+
+def conv_block() -> int:
+    """BLOCK_Q, the positions per step of the forward spatial map's k x k conv: one per
+    thread (the taps are unrolled, each a load and a multiply-add per position)."""
+    return SMALL_NUM_WARPS * 32
 
 
 def psi_rows(N: int, H: int, sms: int) -> int:

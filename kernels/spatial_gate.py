@@ -23,15 +23,46 @@ order. Backward, from ds = dL/ds (= Gs * sa * (1 - sa), Gs from B1):
 Each program owns ROWS rows of one sample's map (RB row blocks per sample, as many as
 fill the GPU: plan.psi_rows). The conv needs k//2 halo rows on each side: the forward
 merges F2's partials over its rows and the halo into its own slab of scratch and, after
-a barrier, gathers every tap of BLOCK_Q positions in one [BLOCK_Q, k*k] gather from it;
-the backward's du is pointwise in inputs an earlier launch wrote (ds, u), so its gather
-forms du at the taps directly. No program reads what another program of the same launch
-writes.
+a barrier, runs the conv as a stencil over BLOCK_Q positions at a time: the k*k taps
+unrolled, each one load of the shifted positions and one multiply-add per position
+(_conv_taps). The backward's du is pointwise in inputs an earlier launch wrote (ds, u), so
+its [BLOCK_Q, k*k] gather forms du at the taps directly, for the transposed conv and the
+weight gradient at once. No program reads what another program of the same launch writes.
 """
 import triton
 import triton.language as tl
 
 from .plane import STAGES, _combine_moments, _combined_stats, _scalar, _sum_pairs, _sum_partial_rows
+
+
+@triton.jit
+def _tap_positions(offs_p, py, px, mask_p, H, W, T: tl.constexpr, KSIZE: tl.constexpr):
+    """The positions p + off(T) of tap T of the k x k window (T = ty * k + tx, offset
+    (ty - k//2, tx - k//2)) and whether they lie on the map (zero padding elsewhere);
+    py, px: the row and column of each position p."""
+    DY: tl.constexpr = T // KSIZE - KSIZE // 2
+    DX: tl.constexpr = T % KSIZE - KSIZE // 2
+    valid = mask_p & (py >= -DY) & (py < H - DY) & (px >= -DX) & (px < W - DX)
+    return offs_p + (DY * W + DX), valid
+
+
+@triton.jit
+def _conv_taps(src0, src1, w_ptr, offs_p, mask_p, H, W, M: tl.constexpr, KSIZE: tl.constexpr,
+               ACC_DTYPE: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """(a0, a1) at positions offs_p: a_m = sum_t w[m, t] src_m[p + off(t)], zero padding
+    (the conv is a0 + a1). M = 1: map 0 alone (a1 = 0)."""
+    KK: tl.constexpr = KSIZE * KSIZE
+    py = offs_p // W
+    px = offs_p - py * W
+    a0 = tl.zeros([BLOCK_Q], ACC_DTYPE)
+    a1 = tl.zeros([BLOCK_Q], ACC_DTYPE)
+    for t in tl.static_range(KK):
+        q, valid = _tap_positions(offs_p, py, px, mask_p, H, W, t, KSIZE)
+        w0 = w_ptr + t
+        a0 += tl.load(w0).to(ACC_DTYPE) * tl.load(src0 + q, mask=valid, other=0.0)
+        if M == 2:
+            a1 += tl.load(w0 + KK).to(ACC_DTYPE) * tl.load(src1 + q, mask=valid, other=0.0)
+    return a0, a1
 
 
 @triton.jit
@@ -99,8 +130,7 @@ def _spatial_gate_fwd_kernel(
     ACC_DTYPE: tl.constexpr,
     BLOCK_P: tl.constexpr,   # positions per step of the merge
     BLOCK_S: tl.constexpr,   # >= S
-    KK_PAD: tl.constexpr,    # next power of two >= KSIZE * KSIZE
-    BLOCK_Q: tl.constexpr,   # positions per step of the conv (BLOCK_Q x KK_PAD gathers)
+    BLOCK_Q: tl.constexpr,   # positions per step of the conv
 ):
     """One program per (sample, block of ROWS rows): combine F2's partials over its rows
     and their halo (KSIZE // 2 rows each side) into its own slab, then u = conv(z) on its
@@ -112,15 +142,17 @@ def _spatial_gate_fwd_kernel(
     P = H * W
     row = n.to(tl.int64) * P
     slab = slab_ptr + pid.to(tl.int64) * 2 * SLAB - e0   # indexed by flat position
-    KK: tl.constexpr = KSIZE * KSIZE
     for p0 in tl.range(e0, e1, BLOCK_P, num_stages=STAGES):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         mask_p = offs_p < e1
         total, m, idx, cnt = _combined_stats(psum_ptr, pmax_ptr, pidx_ptr, pcnt_ptr,
                                              row * S, P, S, offs_p, mask_p, BLOCK_S)
         mean = total / tl.cast(C, ACC_DTYPE)
-        tl.store(slab + offs_p, mean, mask=mask_p)
-        tl.store(slab + SLAB + offs_p, m, mask=mask_p)
+        if POOL_ORDER == 2:  # the one conv input map
+            tl.store(slab + offs_p, 0.5 * mean + 0.5 * m, mask=mask_p)
+        else:
+            tl.store(slab + offs_p, mean, mask=mask_p)
+            tl.store(slab + SLAB + offs_p, m, mask=mask_p)
         own = mask_p & (offs_p >= o0) & (offs_p < o1)
         tl.store(smean_ptr + row + offs_p, mean, mask=own)
         tl.store(smax_ptr + row + offs_p, m, mask=own)
@@ -140,18 +172,16 @@ def _spatial_gate_fwd_kernel(
             tl.store(bn_stats_ptr + tl.arange(0, 4), tl.zeros([4], ACC_DTYPE),
                      mask=tl.arange(0, 4) < 3)
     usum = tl.zeros([BLOCK_Q], ACC_DTYPE)
-    t = tl.arange(0, KK_PAD)
-    w0 = tl.load(convw_ptr + t, mask=t < KK, other=0.0).to(ACC_DTYPE)
-    w1 = tl.load(convw_ptr + KK + t, mask=(t < KK) & (POOL_ORDER != 2), other=0.0).to(ACC_DTYPE)
-    for p0 in tl.range(o0, o1, BLOCK_Q, num_stages=STAGES):
+    M: tl.constexpr = 1 if POOL_ORDER == 2 else 2
+    # conv input maps z_0, z_1 in the slab: [mean | max], or the one map (POOL_ORDER 2)
+    z0 = slab + SLAB if POOL_ORDER == 0 else slab
+    z1 = slab if POOL_ORDER == 0 else slab + SLAB
+    for p0 in range(o0, o1, BLOCK_Q):
         offs_p = p0 + tl.arange(0, BLOCK_Q)
         mask_p = offs_p < o1
-        # every tap of every position in one gather: [BLOCK_Q, KK_PAD]
-        q, valid, _ = _taps(offs_p, mask_p, H, W, KSIZE, KK_PAD, 1)
-        z0, z1 = _conv_inputs(slab, slab + SLAB, q, valid, POOL_ORDER)
-        acc = tl.sum(z0 * w0[None, :], 1)
-        if POOL_ORDER != 2:
-            acc += tl.sum(z1 * w1[None, :], 1)
+        a0, a1 = _conv_taps(z0, z1, convw_ptr, offs_p, mask_p, H, W, M, KSIZE,
+                            ACC_DTYPE, BLOCK_Q)
+        acc = a0 + a1 if M == 2 else a0
         if HAS_CONV_BIAS:
             acc += tl.load(convb_ptr).to(ACC_DTYPE)
         tl.store(u_ptr + row + offs_p, acc, mask=mask_p)
