@@ -88,7 +88,7 @@ def dense_weights(w: CBAMWeights) -> CBAMWeights:
 
 def autocast_dtype(x: torch.Tensor):
     """The dtype autocast asks for on x's device, or None when autocast is off there."""
-    kind = x.device.type
+    kind = "cuda" if x.is_cuda else x.device.type
     if not torch.is_autocast_enabled(kind):
         return None
     return torch.get_autocast_dtype(kind)

@@ -449,8 +449,10 @@ GRAD_FIELDS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "conv_weight"
 
 def empty_weight_grads(w):
     """{field: uninitialized gradient} for every parameter present, in the parameter's
-    dtype and shape, dense."""
-    return {name: torch.empty_like(t, memory_format=torch.contiguous_format)
+    dtype and shape, dense row-major (the block's weights arrive so: function.dense_weights;
+    empty_like keeps a contiguous tensor's strides, and skips a memory-format argument)."""
+    return {name: torch.empty_like(t) if t.is_contiguous()
+            else torch.empty_like(t, memory_format=torch.contiguous_format)
             for name, t in zip(GRAD_FIELDS, w) if t is not None}
 
 

@@ -82,13 +82,14 @@ def official_layout_weights(block: nn.Module, has_spatial: bool, resolve_bn=None
     mlp = child(block, "ChannelGate", "mlp")
     fc1 = child(mlp, "1")
     fc2_weight = fc2_bias = None
-    if len(mlp) > 2:
+    if len(mlp._modules) > 2:
         fc2 = child(mlp, "3")
         fc2_weight, fc2_bias = tensor(fc2, "weight"), tensor(fc2, "bias")
     if not has_spatial:
         return CBAMWeights(tensor(fc1, "weight"), tensor(fc1, "bias"), fc2_weight, fc2_bias), None
     sp = child(block, "SpatialGate", "spatial")
-    conv, bn = child(sp, "conv"), getattr(sp, "bn", None)
+    conv = child(sp, "conv")
+    bn = sp._modules["bn"] if "bn" in sp._modules else getattr(sp, "bn", None)
     if resolve_bn is not None:
         bn = resolve_bn(bn)
     return CBAMWeights(tensor(fc1, "weight"), tensor(fc1, "bias"), fc2_weight, fc2_bias,
