@@ -198,16 +198,18 @@ def _small_map_configs(acc_dtypes):
             dict(BN_MODE=m, HAS_BN_W=a, HAS_BN_B=a) for m in (1, 2) for a in (False, True)]
         psi_tiles = [dict(BLOCK_P=PL.psi_block_p(bs, dtype), BLOCK_S=bs) for bs in bs_all]
 
-        def conv(k):
-            return dict(KSIZE=k, BLOCK_Q=PL.conv_block())
+        def conv(k, stencil=True):
+            return dict(KSIZE=k, **PL.psi_conv(k, dtype, PL.PSI_STENCIL_MIN_POSITIONS
+                                               if stencil else 1))
 
         def bwd_conv(k):
             kk_pad, block_q = PL.conv_tiles(k, dtype)
             return dict(KSIZE=k, KK_PAD=kk_pad, BLOCK_Q=block_q)
-        psi_sets = [dict(f, **bn, **conv(7)) for f in _product(dict(
-                        POOL_ORDER=[0, 1, 2], HAS_CONV_BIAS=[False, True])) for bn in bn_sets]
+        psi_sets = [dict(f, **bn, **conv(7, s)) for f in _product(dict(
+                        POOL_ORDER=[0, 1, 2], HAS_CONV_BIAS=[False, True])) for bn in bn_sets
+                    for s in (True, False)]
         psi_sets += [dict(POOL_ORDER=0, HAS_CONV_BIAS=True, BN_MODE=2, HAS_BN_W=True,
-                          HAS_BN_B=True, **conv(k)) for k in (3, 5)]
+                          HAS_BN_B=True, **conv(k, s)) for k in (3, 5) for s in (True, False)]
         add(_spatial_gate_fwd_kernel, dtype, acc, psi_sets,
             dict(POOL_ORDER=0, HAS_CONV_BIAS=True, BN_MODE=1, HAS_BN_W=True, HAS_BN_B=True,
                  **conv(7)), psi_tiles)

@@ -45,6 +45,8 @@ CONV_GRAD_BLOCK = 128  # conv-gradient entries summed at once (7x7, two maps, bi
 # keeps at least EW_MIN_PROGRAMS_PER_SM programs per SM (elementwise_position_groups)
 EW_BLOCKS_PER_PROGRAM = 4
 EW_MIN_PROGRAMS_PER_SM = 16
+PSI_STENCIL_MIN_POSITIONS = 128  # own positions of a spatial-map program from which its
+                                # forward conv is a stencil (psi_conv)
 BN_PARTS_BLOCK = 256  # BatchNorm partial rows combined at once (one row per psi program;
                       # half for fp64, which spills in F3 on sm_80 otherwise)
 
@@ -470,16 +472,24 @@ def phi_bwd_tiles(hidden: int, two_layers: bool, block_pb: int, dtype):
 
 @functools.lru_cache(maxsize=None)
 def conv_tiles(kernel_size: int, dtype):
-    """(KK_PAD, BLOCK_Q) of the k x k transposed conv and weight gradient in the backward
-    spatial map: every tap of BLOCK_Q positions in one [BLOCK_Q, KK_PAD] gather."""
+    """(KK_PAD, BLOCK_Q) of the k x k conv's gathers in the spatial-map kernels: every tap of
+    BLOCK_Q positions in one [BLOCK_Q, KK_PAD] gather."""
     kk_pad = triton.next_power_of_2(kernel_size * kernel_size)
     return kk_pad, max(16, small_tile(dtype) // 2 // kk_pad)  # two gathers live at once
 
 
-def conv_block() -> int:
-    """BLOCK_Q, the positions per step of the forward spatial map's k x k conv: one per
-    thread (the taps are unrolled, each a load and a multiply-add per position)."""
-    return SMALL_NUM_WARPS * 32
+def psi_conv(kernel_size: int, dtype, own_positions: int) -> dict:
+    """STENCIL, KK_PAD and BLOCK_Q of the forward spatial map's k x k conv, for programs of
+    own_positions positions. From PSI_STENCIL_MIN_POSITIONS on, a stencil: one position
+    per thread, the taps unrolled, each a load and a multiply-add (at 7x7, 669 SASS
+    instructions per 256 positions, where the gathers take 688 per 32: 5x fewer at 56x56,
+    N = 64). Below, the [BLOCK_Q, KK_PAD] gathers of conv_tiles, equal in SASS at one or
+    two steps, and lower in the desk model (gpumodel/), which estimates this kernel's
+    instructions from the interpreter: 49 tensor operations per stencil step."""
+    kk_pad, block_q = conv_tiles(kernel_size, dtype)
+    stencil = own_positions >= PSI_STENCIL_MIN_POSITIONS
+    return dict(STENCIL=stencil, KK_PAD=kk_pad,
+                BLOCK_Q=SMALL_NUM_WARPS * 32 if stencil else block_q)
 
 
 def psi_rows(N: int, H: int, sms: int) -> int:

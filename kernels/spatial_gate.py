@@ -25,7 +25,8 @@ fill the GPU: plan.psi_rows). The conv needs k//2 halo rows on each side: the fo
 merges F2's partials over its rows and the halo into its own slab of scratch and, after
 a barrier, runs the conv as a stencil over BLOCK_Q positions at a time: the k*k taps
 unrolled, each one load of the shifted positions and one multiply-add per position
-(_conv_taps). The backward's du is pointwise in inputs an earlier launch wrote (ds, u), so
+(_conv_taps); a program of few positions gathers every tap of them at once instead
+(plan.psi_conv). The backward's du is pointwise in inputs an earlier launch wrote (ds, u), so
 its [BLOCK_Q, k*k] gather forms du at the taps directly, for the transposed conv and the
 weight gradient at once. No program reads what another program of the same launch writes.
 """
@@ -130,6 +131,9 @@ def _spatial_gate_fwd_kernel(
     ACC_DTYPE: tl.constexpr,
     BLOCK_P: tl.constexpr,   # positions per step of the merge
     BLOCK_S: tl.constexpr,   # >= S
+    STENCIL: tl.constexpr,   # the conv as a stencil (BLOCK_Q positions a step, taps unrolled);
+                             # else as [BLOCK_Q, KK_PAD] tap gathers (few positions a program)
+    KK_PAD: tl.constexpr,    # next power of two >= KSIZE * KSIZE
     BLOCK_Q: tl.constexpr,   # positions per step of the conv
 ):
     """One program per (sample, block of ROWS rows): combine F2's partials over its rows
@@ -176,11 +180,22 @@ def _spatial_gate_fwd_kernel(
     # conv input maps z_0, z_1 in the slab: [mean | max], or the one map (POOL_ORDER 2)
     z0 = slab + SLAB if POOL_ORDER == 0 else slab
     z1 = slab if POOL_ORDER == 0 else slab + SLAB
+    KK: tl.constexpr = KSIZE * KSIZE
+    t = tl.arange(0, KK_PAD)
     for p0 in range(o0, o1, BLOCK_Q):
         offs_p = p0 + tl.arange(0, BLOCK_Q)
         mask_p = offs_p < o1
-        a0, a1 = _conv_taps(z0, z1, convw_ptr, offs_p, mask_p, H, W, M, KSIZE,
-                            ACC_DTYPE, BLOCK_Q)
+        if STENCIL:
+            a0, a1 = _conv_taps(z0, z1, convw_ptr, offs_p, mask_p, H, W, M, KSIZE,
+                                ACC_DTYPE, BLOCK_Q)
+        else:  # every tap of every position in one gather: [BLOCK_Q, KK_PAD]
+            q, valid, _ = _taps(offs_p, mask_p, H, W, KSIZE, KK_PAD, 1)
+            w0 = tl.load(convw_ptr + t, mask=t < KK, other=0.0).to(ACC_DTYPE)
+            a0 = tl.sum(tl.load(z0 + q, mask=valid, other=0.0) * w0[None, :], 1)
+            a1 = a0
+            if M == 2:
+                w1 = tl.load(convw_ptr + KK + t, mask=t < KK, other=0.0).to(ACC_DTYPE)
+                a1 = tl.sum(tl.load(z1 + q, mask=valid, other=0.0) * w1[None, :], 1)
         acc = a0 + a1 if M == 2 else a0
         if HAS_CONV_BIAS:
             acc += tl.load(convb_ptr).to(ACC_DTYPE)

@@ -161,6 +161,36 @@ def test_plan_of_a_large_gpu(case, layout, device, monkeypatch):
     check_pair(run_pair(m, x), torch.float32, shape, f"132 SMs {variant}/{shape}/{layout}")
 
 
+# (variant, kernel size, dtype): the forward spatial map's conv as a stencil and as tap
+# gathers (plan.psi_conv) on a 3 x 23 x 19 map (one program per sample on one SM: 437
+# positions, two stencil steps with a short last one; 14 gathers), every conv input mode
+PSI_CONV_CASES = [("official", 7, torch.float32), ("timm", 7, torch.bfloat16),
+                  ("timm_light", 3, torch.float32), ("official", 5, torch.float64)]
+
+
+@pytest.mark.parametrize("stencil", [True, False], ids=["stencil", "gathers"])
+@pytest.mark.parametrize("case", PSI_CONV_CASES, ids=lambda c: f"{c[0]}-k{c[1]}-{c[2]}")
+def test_spatial_conv_paths(case, stencil, device, monkeypatch):
+    from cbam_fused import plan as plan_module
+    from cbam_fused import launchers
+
+    variant, kernel_size, dtype = case
+    shape = (2, 12, 23, 19)
+    monkeypatch.setattr(plan_module, "PSI_STENCIL_MIN_POSITIONS", 1 if stencil else 10 ** 9)
+    chosen = []
+    real = launchers.psi_conv
+
+    def spy(*args):
+        cx = real(*args)
+        chosen.append(cx["STENCIL"])
+        return cx
+    monkeypatch.setattr(launchers, "psi_conv", spy)
+    m = make_module(variant, shape[1], device, kernel_size=kernel_size)
+    check_pair(run_pair(m, make_input(shape, dtype, "nchw", device)), dtype, shape,
+               f"psi conv {'stencil' if stencil else 'gathers'} {variant} k={kernel_size}")
+    assert chosen and all(c == stencil for c in chosen)
+
+
 # (shape, layout, phi_blocks, phi_bwd_blocks, hidden loop) on 132 SMs, hidden = C / 4.
 # Forward: F1 unsplit as planned (NCHW), or made unsplit for the channel map (1x520x6x6
 # channels_last, which F1 alone would split over H*W), forms the layer-1 partials of its
