@@ -29,7 +29,7 @@ from .kernels.weight_grads import _weight_grads_kernel
 from .launch import jit_launch
 from .plan import (CONV_GRAD_BLOCK, NUM_WARPS, SMALL_MAXNREG, SMALL_NUM_WARPS,
                    Reduction, acc_dtype, b1_blocks, big_pass_options, cdiv, channel_split,
-                   conv_tiles, psi_conv, bn_parts_block, cp_blocks, elementwise_position_groups,
+                   conv_tiles, bn_parts_block, cp_blocks, elementwise_position_groups,
                    loop_stages, position_split, reduction_plan, sm_count, weight_grad_rows,
                    weight_grad_samples)
 
@@ -222,7 +222,7 @@ def spatial_gate_fwd(plan, f: Flags, w, bufs, saved, eps: float, run=jit_launch)
         dict(POOL_ORDER=f.pool_order, KSIZE=f.kernel_size, HAS_CONV_BIAS=f.has_conv_bias,
              BN_MODE=f.bn_mode, HAS_BN_W=f.has_bn_w, HAS_BN_B=f.has_bn_b,
              ACC_DTYPE=_tl_acc(plan.dtype), BLOCK_P=plan.psi_block_p, BLOCK_S=plan.f2.block_s,
-             **psi_conv(f.kernel_size, plan.dtype, plan.psi_rows * plan.W), **SMALL_OPTIONS))
+             **plan.psi_conv(f.kernel_size), **SMALL_OPTIONS))
 
 
 def bn_partials_reduce(parts, num_parts: int, moments: bool, run=jit_launch):

@@ -158,4 +158,3 @@ class _Registered:
 
 
 OPS = _Registered
-

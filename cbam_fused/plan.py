@@ -335,6 +335,11 @@ class BlockPlan:
 
 
     @functools.lru_cache(maxsize=None)
+    def psi_conv(self, kernel_size):
+        """The forward spatial map's conv constexprs for this plan's programs (psi_conv)."""
+        return psi_conv(kernel_size, self.dtype, self.psi_rows * self.W)
+
+    @functools.lru_cache(maxsize=None)
     def bwd_scratch_size(self, spatial_kernel_size, spatial_maps):
         return layout_size(self.bwd_scratch_layout(spatial_kernel_size, spatial_maps))
 

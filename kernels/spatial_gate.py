@@ -181,7 +181,10 @@ def _spatial_gate_fwd_kernel(
     z0 = slab + SLAB if POOL_ORDER == 0 else slab
     z1 = slab if POOL_ORDER == 0 else slab + SLAB
     KK: tl.constexpr = KSIZE * KSIZE
-    t = tl.arange(0, KK_PAD)
+    if not STENCIL:  # the gathers' weight rows, read once
+        t = tl.arange(0, KK_PAD)
+        w0 = tl.load(convw_ptr + t, mask=t < KK, other=0.0).to(ACC_DTYPE)
+        w1 = tl.load(convw_ptr + KK + t, mask=(t < KK) & (M == 2), other=0.0).to(ACC_DTYPE)
     for p0 in range(o0, o1, BLOCK_Q):
         offs_p = p0 + tl.arange(0, BLOCK_Q)
         mask_p = offs_p < o1
@@ -190,11 +193,9 @@ def _spatial_gate_fwd_kernel(
                                 ACC_DTYPE, BLOCK_Q)
         else:  # every tap of every position in one gather: [BLOCK_Q, KK_PAD]
             q, valid, _ = _taps(offs_p, mask_p, H, W, KSIZE, KK_PAD, 1)
-            w0 = tl.load(convw_ptr + t, mask=t < KK, other=0.0).to(ACC_DTYPE)
             a0 = tl.sum(tl.load(z0 + q, mask=valid, other=0.0) * w0[None, :], 1)
             a1 = a0
             if M == 2:
-                w1 = tl.load(convw_ptr + KK + t, mask=t < KK, other=0.0).to(ACC_DTYPE)
                 a1 = tl.sum(tl.load(z1 + q, mask=valid, other=0.0) * w1[None, :], 1)
         acc = a0 + a1 if M == 2 else a0
         if HAS_CONV_BIAS:
