@@ -18,6 +18,7 @@ accumulation casts differ).
 """
 import dataclasses
 import functools
+import itertools
 import re
 import subprocess
 import tempfile
@@ -277,10 +278,10 @@ def launch_configs(dtypes=DTYPES):
                 (False, True, pool, *hid_tiles[-1])
                 for pool in ((1, 2) if dtype == torch.float32 else ())]
             for has_scale, hid_partial, pool, block_h, loop in variants:
-                for st in stages:
+                for st, tail in itertools.product(stages, (True, False)):
                     add(_pool_stats_kernel, dtype, HAS_SCALE=has_scale, HID_PARTIAL=hid_partial,
                         POOL=pool, K_CONTIG=k_contig, BLOCK_R=block_r, BLOCK_K=block_k,
-                        NUM_STAGES=st, BLOCK_H=block_h, HID_LOOP=loop)
+                        HAS_TAIL=tail, NUM_STAGES=st, BLOCK_H=block_h, HID_LOOP=loop)
         for p_contig, contig, other in _tile_variants(dtype):
             block_c, block_p = (other, contig) if p_contig else (contig, other)
             blk = dict(P_CONTIG=p_contig, BLOCK_C=block_c, BLOCK_P=block_p)

@@ -152,7 +152,8 @@ def pool_stats_partials(x, R: int, K: int, k_contig: bool, red: Reduction, scale
          R, K, red.k_per_split, red.r_blocks, red.splits, hidden),
         dict(HAS_SCALE=scale is not None, HID_PARTIAL=hid_partial is not None, POOL=pool,
              K_CONTIG=k_contig, ACC_DTYPE=_tl_acc(x.dtype),
-             BLOCK_R=red.block_r, BLOCK_K=red.block_k, NUM_STAGES=red.stages, BLOCK_H=block_h,
+             BLOCK_R=red.block_r, BLOCK_K=red.block_k, HAS_TAIL=K % red.block_k != 0,
+             NUM_STAGES=red.stages, BLOCK_H=block_h,
              HID_LOOP=block_h < hidden, **big_pass_options(hid_partial is not None)))
     return outs
 

@@ -194,7 +194,18 @@ class Reduction:
 
 
 def reduction_plan(N, R, K, k_contig, dtype, sms, splits=None) -> Reduction:
+    """F1/F2's tile and splits. Where the reduced axis K is the contiguous one, the tile
+    is the narrowest (most rows per program) that still gives BIG_PASS_PROGRAMS_PER_SM
+    programs per SM: a program's fixed work (the lane merge, the stores, F1's layer-1
+    partial rows) is paid once per tile row block, so at 14x14 a 32 x 32 tile runs a
+    quarter of the programs of an 8 x 128 one, with seven steps where that has two and a
+    similar share of idle lanes (196 of 224 columns, against 196 of 256)."""
     contig, other = tile_config(K if k_contig else R, dtype)
+    if k_contig:
+        elements = contig * other
+        contig = next((c for c in CONTIG_BLOCKS if c <= contig and N * cdiv(R, elements // c)
+                       >= BIG_PASS_PROGRAMS_PER_SM * sms), contig)
+        other = elements // contig
     block_k, block_r = (contig, other) if k_contig else (other, contig)
     r_blocks = cdiv(R, block_r)
     splits, k_per_split = _split_axis(K, block_k, N * r_blocks, sms, splits, MAX_SPLITS)

@@ -28,7 +28,7 @@ import triton.language as tl
 STAGES = tl.constexpr(3)
 
 # Sentinel index for "no element seen yet"; larger than any valid row length.
-NO_INDEX = 2147483647
+NO_INDEX = tl.constexpr(2147483647)
 
 
 @triton.jit

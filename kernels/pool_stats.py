@@ -19,7 +19,43 @@ import triton
 import triton.language as tl
 
 from .channel_gate import _mlp_inputs, _weight_slice_products
-from .plane import _finalize_max_stats, _plane_offsets
+from .plane import NO_INDEX, _finalize_max_stats, _plane_offsets
+
+
+@triton.jit
+def _running_stats_step(v, scale_ptr, n, K, offs_k, k0, mask_k, acc_sum, acc_max, acc_tile,
+                        acc_cnt, HAS_SCALE: tl.constexpr, MASKED: tl.constexpr,
+                        ACC_DTYPE: tl.constexpr):
+    """One tile's update of each lane's running (sum, max, tile of the first max, count).
+
+    v [BLOCK_R, BLOCK_K] holds the tile at columns offs_k = k0 + j (masked columns read as
+    0; MASKED: mask_k [BLOCK_K] marks the valid ones, else all are). A lane's column j is
+    the same in every tile, so a lane keeps the tile start k0 where its max was first
+    reached, not the column: one select per element, no index arithmetic.
+
+        bigger = v > max, or v is NaN and max is not (NaN is the largest, torch.max)
+        max    = v if bigger else max;     tile = k0 if bigger else tile
+        cnt    = (0 if bigger else cnt) + (v == max)   (a NaN max counts 0: the caller
+                                                        sets its lane's count to 1)
+
+    Lanes visit columns in increasing order, so the first update is the first index.
+    """
+    v = v.to(ACC_DTYPE)
+    if HAS_SCALE:
+        sc = tl.load(scale_ptr + n.to(tl.int64) * K + offs_k, mask=offs_k < K, other=0.0)
+        v = v * sc[None, :]
+    acc_sum += v  # masked lanes hold 0
+    # not (v <= max) is v > max or either is NaN; and max == max excludes a NaN max
+    bigger = (~(v <= acc_max)) & (acc_max == acc_max)
+    if MASKED:
+        bigger = bigger & mask_k[None, :]
+    acc_max = tl.where(bigger, v, acc_max)
+    hit = v == acc_max
+    if MASKED:
+        hit = hit & mask_k[None, :]
+    acc_cnt = tl.where(bigger, 0, acc_cnt) + hit.to(tl.int32)
+    acc_tile = tl.where(bigger, k0, acc_tile)
+    return acc_sum, acc_max, acc_tile, acc_cnt
 
 
 @triton.jit
@@ -42,6 +78,7 @@ def _pool_stats_kernel(
     ACC_DTYPE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    HAS_TAIL: tl.constexpr,    # K % BLOCK_K != 0: the last split ends in a short tile
     NUM_STAGES: tl.constexpr,  # software-pipelining depth of the K loop (1: none)
     BLOCK_H: tl.constexpr,     # hidden units per step of the layer-1 partial (HID_PARTIAL)
     HID_LOOP: tl.constexpr,    # BLOCK_H < HID: the partial loops over hidden blocks
@@ -68,26 +105,36 @@ def _pool_stats_kernel(
     k_start = s * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
 
+    # Full tiles need no column mask in the update; the split's last, short tile does.
+    if HAS_TAIL:
+        k_full_end = k_start + ((k_end - k_start) // BLOCK_K) * BLOCK_K
+    else:
+        k_full_end = k_end
     acc_sum = tl.zeros([BLOCK_R, BLOCK_K], ACC_DTYPE)
     acc_max = tl.full([BLOCK_R, BLOCK_K], float("-inf"), ACC_DTYPE)
-    acc_idx = tl.full([BLOCK_R, BLOCK_K], 2147483647, tl.int32)
+    acc_tile = tl.full([BLOCK_R, BLOCK_K], 0, tl.int32) + k_start
     acc_cnt = tl.zeros([BLOCK_R, BLOCK_K], tl.int32)
-    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
+    for k0 in tl.range(k_start, k_full_end, BLOCK_K, num_stages=NUM_STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < k_end
-        mask = mask_r[:, None] & mask_k[None, :]
-        v = tl.load(x_base + _plane_offsets(offs_r, offs_k, R, K, K_CONTIG), mask=mask, other=0.0)
-        v = v.to(ACC_DTYPE)
-        if HAS_SCALE:
-            sc = tl.load(scale_ptr + n.to(tl.int64) * K + offs_k, mask=mask_k, other=0.0)
-            v = v * sc[None, :]
-        acc_sum += v  # masked lanes hold 0
-        bigger = mask & ((v > acc_max) | ((v != v) & (acc_max == acc_max)))
-        tie = mask & (v == acc_max)
-        k2d = offs_k[None, :] + tl.zeros([BLOCK_R, BLOCK_K], tl.int32)
-        acc_idx = tl.where(bigger, k2d, tl.where(tie, tl.minimum(acc_idx, k2d), acc_idx))
-        acc_cnt = tl.where(bigger, 1, acc_cnt + tie.to(tl.int32))
-        acc_max = tl.where(bigger, v, acc_max)
+        v = tl.load(x_base + _plane_offsets(offs_r, offs_k, R, K, K_CONTIG),
+                    mask=mask_r[:, None], other=0.0)
+        acc_sum, acc_max, acc_tile, acc_cnt = _running_stats_step(
+            v, scale_ptr, n, K, offs_k, k0, offs_k < k_end, acc_sum, acc_max, acc_tile, acc_cnt,
+            HAS_SCALE, False, ACC_DTYPE)
+    if HAS_TAIL:
+        if k_full_end < k_end:
+            offs_k = k_full_end + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < k_end
+            v = tl.load(x_base + _plane_offsets(offs_r, offs_k, R, K, K_CONTIG),
+                        mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+            acc_sum, acc_max, acc_tile, acc_cnt = _running_stats_step(
+                v, scale_ptr, n, K, offs_k, k_full_end, mask_k, acc_sum, acc_max, acc_tile,
+                acc_cnt, HAS_SCALE, True, ACC_DTYPE)
+    # A NaN max never equals itself, so its lane counted 0: it holds one maximum (the
+    # first NaN). A lane's first maximum sits at its tile's start plus the lane's column
+    # in the tile; a lane that saw no column (cnt = 0) offers no index.
+    acc_cnt = tl.where(acc_max != acc_max, 1, acc_cnt)
+    acc_idx = tl.where(acc_cnt > 0, acc_tile + tl.arange(0, BLOCK_K)[None, :], NO_INDEX)
 
     total, m, idx, cnt = _finalize_max_stats(acc_sum, acc_max, acc_idx, acc_cnt, 1)
     out = (n.to(tl.int64) * num_splits + s) * R + offs_r

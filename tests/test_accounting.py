@@ -112,9 +112,10 @@ def test_weight_gradient_tiles_of_a_large_gpu(hidden, C, tile):
 
 def test_loops_are_pipelined_only_when_long_enough():
     """The split passes pipeline their loop (cp.async, kernels/plane.py STAGES deep) only
-    when it has at least STAGES steps: ResNet-50's first CBAM site on a 132-SM GPU
-    pipelines F1 (H*W = 3136 positions per channel row) but not F2 in channels_last
-    (256 channels: two steps of 128)."""
+    when it has at least STAGES steps. On a 132-SM GPU, ResNet-50's first CBAM site
+    pipelines F1 (H*W = 3136 positions per channel row) and F2 (256 channels: eight
+    steps of a 32 x 32 tile in channels_last); its last site's F1 in NCHW (49 positions:
+    two steps of a 32 x 32 tile) does not."""
     from cbam_fused import plan as plan_module
 
     stages = plan_module.STAGES.value
@@ -125,4 +126,7 @@ def test_loops_are_pipelined_only_when_long_enough():
         p = plan_module.block_plan(64, 256, 56, 56, 16, True, True, 7, p_contig,
                                    torch.bfloat16, 132)
         assert p.f1.stages == stages
-        assert p.f2.stages == (stages if p_contig else 1)
+        assert p.f2.stages == stages
+        assert p_contig or (p.f2.block_k, p.f2.block_r) == (32, 32)
+    last = plan_module.block_plan(64, 2048, 7, 7, 16, True, True, 7, True, torch.bfloat16, 132)
+    assert (last.f1.block_k, last.f1.block_r, last.f1.stages) == (32, 32, 1)
