@@ -327,11 +327,13 @@ def num_warps_of(kernel_name: str) -> int:
     return PL.NUM_WARPS if kernel_name in _BIG_PASSES else PL.SMALL_NUM_WARPS
 
 
-def launch_options(kernel, constexprs=None) -> dict:
+def launch_options(kernel, constexprs=None, dtype=torch.float32) -> dict:
     """The compile options the launchers give a kernel (launchers.py) with these
-    constexprs."""
+    constexprs and this I/O dtype."""
     if kernel.fn.__name__ in _BIG_PASSES:
-        return PL.big_pass_options(bool((constexprs or {}).get("HID_PARTIAL")))
+        cx = constexprs or {}
+        return PL.big_pass_options(bool(cx.get("HID_PARTIAL")), bool(cx.get("K_CONTIG")),
+                                   torch.empty(0, dtype=dtype).element_size())
     return {"num_warps": PL.SMALL_NUM_WARPS, "maxnreg": PL.SMALL_MAXNREG}
 
 
@@ -359,7 +361,7 @@ def compile_build(build: Build, arch: int):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=kernel, signature=signature, constexprs=cx, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options=launch_options(kernel, dict(build.constexprs)))
+                          options=launch_options(kernel, dict(build.constexprs), build.dtype))
 
 
 @functools.lru_cache(maxsize=None)

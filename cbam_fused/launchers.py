@@ -154,7 +154,8 @@ def pool_stats_partials(x, R: int, K: int, k_contig: bool, red: Reduction, scale
              K_CONTIG=k_contig, ACC_DTYPE=_tl_acc(x.dtype),
              BLOCK_R=red.block_r, BLOCK_K=red.block_k, HAS_TAIL=K % red.block_k != 0,
              NUM_STAGES=red.stages, BLOCK_H=block_h,
-             HID_LOOP=block_h < hidden, **big_pass_options(hid_partial is not None)))
+             HID_LOOP=block_h < hidden, **big_pass_options(hid_partial is not None, k_contig,
+                                                  x.element_size())))
     return outs
 
 

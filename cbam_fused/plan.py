@@ -26,9 +26,11 @@ SMALL_NUM_WARPS = 8   # the small-map kernels: one program per sample, so more t
 # ... and a register budget: without .maxnreg, ptxas holds 256-thread programs to 32-64
 # registers and spills a few bytes in some tiles (seen with triton 3.6 and 3.8)
 SMALL_MAXNREG = 128
-# F1 forming the channel MLP's partial rows: ptxas holds some of its builds to 64 registers
-# and spills 12 bytes (sm_90); 80 fits every build (sm_80 spills at 72)
+# F1 forming the channel MLP's partial rows: 80 registers fit every build (sm_80 spills at
+# 72); with 16-bit I/O in NCHW (positions contiguous) every build fits 64, which keeps 8
+# programs of 128 threads per SM instead of 6 (fp32 and channels_last builds spill there)
 PARTIAL_ROWS_MAXNREG = 80
+PARTIAL_ROWS_MAXNREG_16BIT_NCHW = 64
 MAX_SPLITS = 64       # partial rows merged by one tile of the small-map kernels
 BIG_PASS_PROGRAMS_PER_SM = 8  # the split reductions' target (8-12 fit on an SM, aot.py)
 SMALL_TILE = 4096     # elements of one tile in the small-map kernels (half for fp64)
@@ -53,12 +55,16 @@ BN_PARTS_BLOCK = 256  # BatchNorm partial rows combined at once (one row per psi
 INTERPRETER_SM_COUNT = int(os.environ.get("CBAM_FUSED_SM_COUNT", "1"))
 
 
-def big_pass_options(partial_rows: bool = False) -> dict:
+def big_pass_options(partial_rows: bool = False, k_contig: bool = False,
+                     io_bytes: int = 4) -> dict:
     """Launch options of the big passes (launchers.py; aot.py builds with the same):
-    NUM_WARPS, and the register budget PARTIAL_ROWS_MAXNREG for F1 forming the channel
-    MLP's partial rows."""
+    NUM_WARPS, and for F1 forming the channel MLP's partial rows a register budget
+    (PARTIAL_ROWS_MAXNREG, or PARTIAL_ROWS_MAXNREG_16BIT_NCHW with 16-bit I/O where the
+    reduced axis is contiguous)."""
     if partial_rows:
-        return {"num_warps": NUM_WARPS, "maxnreg": PARTIAL_ROWS_MAXNREG}
+        small = k_contig and io_bytes == 2
+        return {"num_warps": NUM_WARPS, "maxnreg": PARTIAL_ROWS_MAXNREG_16BIT_NCHW if small
+                else PARTIAL_ROWS_MAXNREG}
     return {"num_warps": NUM_WARPS}
 
 
