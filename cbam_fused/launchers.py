@@ -28,10 +28,10 @@ from .kernels.spatial_gate import (_bn_partials_reduce_kernel, _spatial_gate_bwd
 from .kernels.weight_grads import _weight_grads_kernel
 from .launch import jit_launch
 from .plan import (CONV_GRAD_BLOCK, NUM_WARPS, SMALL_MAXNREG, SMALL_NUM_WARPS,
-                   Reduction, acc_dtype, b1_blocks, big_pass_options, cdiv, channel_split,
-                   conv_tiles, bn_parts_block, cp_blocks, elementwise_position_groups,
-                   loop_stages, position_split, reduction_plan, sm_count, weight_grad_rows,
-                   weight_grad_samples)
+                   Reduction, acc_dtype, b1_blocks, b2_blocks, big_pass_options, cdiv,
+                   channel_split, conv_tiles, bn_parts_block, cp_blocks,
+                   elementwise_position_groups, loop_stages, position_split, reduction_plan,
+                   sm_count, weight_grad_rows, weight_grad_samples)
 
 # launch options of the small-map kernels (plan.py)
 SMALL_OPTIONS = dict(num_warps=SMALL_NUM_WARPS, maxnreg=SMALL_MAXNREG)
@@ -339,10 +339,12 @@ def bwd_spatial_pool(x, ca, dsmean, dsmax, smax, sidx, scnt, p_contig: bool, ama
     (backward.py); `out` is then not written."""
     N, C, H, W = x.shape
     P = H * W
-    block_c, block_p, ncb = big_pass_tiles(x, p_contig, plan)
     if plan is not None:
+        block_c, block_p, ncb = plan.b2_block_c, plan.b2_block_p, plan.b2_c_blocks
         splits, p_per_split = plan.b2_splits, plan.b2_p_per_split
     else:
+        block_c, block_p = b2_blocks(N, C, P, p_contig, x.dtype, sm_count(x.device))
+        ncb = cdiv(C, block_c)
         splits, p_per_split = position_split(N, C, P, p_contig, x.dtype, sm_count(x.device),
                                              splits)
     if out is None:
@@ -431,7 +433,7 @@ def channel_gate_bwd(plan, f: Flags, w, saved, bufs, run=jit_launch):
     if plan.phi_bwd_blocks:
         run(_channel_gate_bwd_blocks_kernel, (plan.N * plan.phi_c_programs,),
             (bufs["drpart"], saved["h"], w.fc1_weight, bufs["dh"], bufs["davg"], bufs["dmx"],
-             plan.C, plan.hidden, plan.c_blocks, plan.phi_c_per_program, plan.phi_c_programs),
+             plan.C, plan.hidden, plan.b2_c_blocks, plan.phi_c_per_program, plan.phi_c_programs),
             dict(POOL=f.pool, ACC_DTYPE=_tl_acc(plan.dtype), BLOCK_C=plan.phi_blocks_c,
                  BLOCK_H=plan.phi_block_h, BLOCK_RB=plan.phi_blocks_rb, **SMALL_OPTIONS))
         return

@@ -134,10 +134,36 @@ def channel_split(N: int, C: int, P: int, p_contig: bool, dtype, sms: int, split
     return _split_axis(C, block_c, N * cdiv(P, block_p), sms, splits, C)
 
 
+def narrowest_tile(contig: int, other: int, rows: int, N: int, sms: int):
+    """(contig, other) of a split reduction along its tile's contiguous dimension: the
+    narrowest of CONTIG_BLOCKS up to `contig` (same elements) whose N * cdiv(rows, other)
+    programs still give BIG_PASS_PROGRAMS_PER_SM per SM. A program's fixed work (merging
+    its lanes, its stores and partial rows) is paid per block of rows, and walking the
+    reduced axis in more, narrower steps idles no more lanes (14x14: 196 of 224 columns
+    at width 32, 196 of 256 at 128) for a quarter of the programs."""
+    elements = contig * other
+    narrow = next((c for c in CONTIG_BLOCKS if c <= contig and N * cdiv(rows, elements // c)
+                   >= BIG_PASS_PROGRAMS_PER_SM * sms), contig)
+    return narrow, elements // narrow
+
+
+def b2_blocks(N: int, C: int, P: int, p_contig: bool, dtype, sms: int):
+    """(BLOCK_C, BLOCK_P) of B2, which reduces over positions: cp_blocks's, narrowed where
+    the positions are contiguous (NCHW; narrowest_tile) and the wide tile walks them in
+    two steps or fewer. B2 loads its per-position rows (spatial max, index, count,
+    gradients) at every step, so a longer walk pays more in narrow steps than it saves
+    in programs (desk model, 64x512x28x28: 28.7 us narrowed, 23.9 us not; 14x14: 16.6
+    against 29.6)."""
+    block_c, block_p = cp_blocks(C, P, p_contig, dtype)
+    if p_contig and P <= 2 * block_p:
+        block_p, block_c = narrowest_tile(block_p, block_c, C, N, sms)
+    return block_c, block_p
+
+
 def position_split(N: int, C: int, P: int, p_contig: bool, dtype, sms: int, splits=None):
     """(splits, positions per split) of B2's position axis: splits_for's programs per SM, or
     the requested number of splits, in whole position blocks."""
-    block_c, block_p = cp_blocks(C, P, p_contig, dtype)
+    block_c, block_p = b2_blocks(N, C, P, p_contig, dtype, sms)
     return _split_axis(P, block_p, N * cdiv(C, block_c), sms, splits, MAX_SPLITS)
 
 
@@ -200,18 +226,11 @@ class Reduction:
 
 
 def reduction_plan(N, R, K, k_contig, dtype, sms, splits=None) -> Reduction:
-    """F1/F2's tile and splits. Where the reduced axis K is the contiguous one, the tile
-    is the narrowest (most rows per program) that still gives BIG_PASS_PROGRAMS_PER_SM
-    programs per SM: a program's fixed work (the lane merge, the stores, F1's layer-1
-    partial rows) is paid once per tile row block, so at 14x14 a 32 x 32 tile runs a
-    quarter of the programs of an 8 x 128 one, with seven steps where that has two and a
-    similar share of idle lanes (196 of 224 columns, against 196 of 256)."""
+    """F1/F2's tile and splits: tile_config's tile, narrowed where the reduced axis K is
+    the contiguous one (narrowest_tile)."""
     contig, other = tile_config(K if k_contig else R, dtype)
     if k_contig:
-        elements = contig * other
-        contig = next((c for c in CONTIG_BLOCKS if c <= contig and N * cdiv(R, elements // c)
-                       >= BIG_PASS_PROGRAMS_PER_SM * sms), contig)
-        other = elements // contig
+        contig, other = narrowest_tile(contig, other, R, N, sms)
     block_k, block_r = (contig, other) if k_contig else (other, contig)
     r_blocks = cdiv(R, block_r)
     splits, k_per_split = _split_axis(K, block_k, N * r_blocks, sms, splits, MAX_SPLITS)
@@ -267,6 +286,9 @@ class BlockPlan:
     phi_bwd_blocks: bool  # unsplit B2 forms dlogits and W2^T dlogits partials; phi's
                           # backward runs per channel range (its grid and tiles: phi_blocks')
     b2_block_h: int      # hidden units per step of B2's partial
+    b2_block_c: int      # B2's tile (b2_blocks) and its channel blocks (rows of the W2^T
+    b2_block_p: int      # dlogits partials)
+    b2_c_blocks: int
 
     def __post_init__(self):
         # hashed once: the per-plan caches below (functools.lru_cache on methods) hash it
@@ -346,7 +368,7 @@ class BlockPlan:
                 ("ds", N * P), ("dsmean", N * P), ("dsmax", N * P),
                 ("bsums", R * 2), ("cgrad", R * (spatial_maps * spatial_kernel_size ** 2 + 1)),
                 ("gc2_part", N * self.b2_splits * C), ("dlog", N * C),
-                ("drpart", N * self.c_blocks * self.hidden * int(self.phi_bwd_blocks)),
+                ("drpart", N * self.b2_c_blocks * self.hidden * int(self.phi_bwd_blocks)),
                 ("dh", N * 2 * self.hidden * int(self.two_layers)),
                 ("davg", N * C), ("dmx", N * C))
 
@@ -553,8 +575,10 @@ def block_plan(N: int, C: int, H: int, W: int, hidden: int, two_layers: bool, sp
     psi_block = psi_block_p(max(f2.block_s, bwd_block_cs), dtype)
     bwd_block_pb = min(8, merge_block(b1_p_blocks))  # merged 8 at a time at most (a loop)
     phi_bwd_block_c = phi_bwd_tiles(hidden, two_layers, bwd_block_pb, dtype)[0]
+    b2_block_c, b2_block_p = b2_blocks(N, C, P, p_contig, dtype, sms)
+    b2_c_blocks = cdiv(C, b2_block_c)
     phi_bwd_blocks = spatial and two_layers and channel_map_blocks(
-        c_blocks * hidden, C, P, b2_splits, cdiv(P, block_p), cdiv(C, phi_bwd_block_c))
+        b2_c_blocks * hidden, C, P, b2_splits, cdiv(P, b2_block_p), cdiv(C, phi_bwd_block_c))
     if phi_bwd_blocks and b2_splits > 1:
         b2_splits, b2_p_per_split = position_split(N, C, P, p_contig, dtype, sms, splits=1)
     wg_tile = weight_tile(hidden, two_layers, C, sms)
@@ -572,7 +596,8 @@ def block_plan(N: int, C: int, H: int, W: int, hidden: int, two_layers: bool, sp
                      bwd_block_cs, min(8, merge_block(b2_splits)), tiles1, tiles2,
                      rows1, rows2, wg_tile, phi_blocks, phi_c_programs, phi_c_per_program,
                      phi_blocks_c, phi_blocks_rb, hidden_block(hidden, f1.block_r, dtype),
-                     phi_bwd_blocks, hidden_block(hidden, block_c, dtype, 1))
+                     phi_bwd_blocks, hidden_block(hidden, b2_block_c, dtype, 1),
+                     b2_block_c, b2_block_p, b2_c_blocks)
 
 
 @functools.lru_cache(maxsize=4096)

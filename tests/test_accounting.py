@@ -85,7 +85,7 @@ def test_programs_per_launch_on_a_large_gpu(monkeypatch):
     psi = [p for (_, k), p in programs.items() if k.startswith("_spatial_gate")]
     assert psi == [N * H] * 3, programs
     b2_splits, _ = plan_module.position_split(N, C, H * W, False, torch.float32, 132)
-    block_c = plan_module.cp_blocks(C, H * W, False, torch.float32)[0]
+    block_c = plan_module.b2_blocks(N, C, H * W, False, torch.float32, 132)[0]
     b2 = [p for (_, k), p in programs.items() if k == "_bwd_spatial_pool_kernel"]
     assert b2_splits > 1 and b2 == [N * -(-C // block_c) * b2_splits]
     for rec in fwd.launches + bwd.launches:
