@@ -203,9 +203,13 @@ def _small_map_configs(acc_dtypes):
             return dict(KSIZE=k, **PL.psi_conv(k, dtype, PL.PSI_STENCIL_MIN_POSITIONS
                                                if stencil else 1))
 
-        def bwd_conv(k):
-            kk_pad, block_q = PL.conv_tiles(k, dtype)
-            return dict(KSIZE=k, KK_PAD=kk_pad, BLOCK_Q=block_q)
+        def bwd_conv(k, positions=1):
+            return dict(KSIZE=k, **PL.psi_bwd_conv(k, dtype, positions))
+        stencil_q = PL.PSI_STENCIL_MIN_POSITIONS
+        # the backward stencil's larger steps (BLOCK_Q = the program's positions), up to max
+        first_q = PL.psi_bwd_conv(7, dtype, stencil_q)["BLOCK_Q"]
+        larger_q = [q for q in (first_q << i for i in range(1, 8))
+                    if q <= PL.PSI_BWD_STENCIL_MAX_Q]
         psi_sets = [dict(f, **bn, **conv(7, s)) for f in _product(dict(
                         POOL_ORDER=[0, 1, 2], HAS_CONV_BIAS=[False, True])) for bn in bn_sets
                     for s in (True, False)]
@@ -216,12 +220,17 @@ def _small_map_configs(acc_dtypes):
                  **conv(7)), psi_tiles)
         add(_spatial_gate_bwd_stats_kernel, dtype, acc, [dict(BN_MODE=m) for m in (0, 1, 2)],
             dict(BN_MODE=2), [dict(BLOCK_P=t["BLOCK_P"], BLOCK_CS=t["BLOCK_S"]) for t in psi_tiles])
-        add(_spatial_gate_bwd_kernel, dtype, acc,
-            [dict(POOL_ORDER=o, BN_MODE=bn["BN_MODE"], HAS_BN_W=bn["HAS_BN_W"], **bwd_conv(7))
-             for o in (0, 1, 2) for bn in bn_sets]
-            + [dict(POOL_ORDER=0, BN_MODE=2, HAS_BN_W=True, **bwd_conv(k)) for k in (3, 5)],
-            dict(POOL_ORDER=0, BN_MODE=2, HAS_BN_W=True, **bwd_conv(7)),
+        bwd_sets = [dict(POOL_ORDER=o, BN_MODE=bn["BN_MODE"], HAS_BN_W=bn["HAS_BN_W"],
+                         **bwd_conv(7, n)) for o in (0, 1, 2) for bn in bn_sets
+                    for n in (1, stencil_q)]
+        bwd_sets += [dict(POOL_ORDER=0, BN_MODE=2, HAS_BN_W=True, **bwd_conv(k, n))
+                     for k in (3, 5) for n in (1, stencil_q)]
+        heavy_bwd = dict(POOL_ORDER=0, BN_MODE=2, HAS_BN_W=True)
+        add(_spatial_gate_bwd_kernel, dtype, acc, bwd_sets, dict(heavy_bwd, **bwd_conv(7)),
             [dict(BLOCK_PARTS=PL.bn_parts_block(dtype))])
+        for n in larger_q:  # every step size of the stencil, most values live
+            add(_spatial_gate_bwd_kernel, dtype, acc, [dict(heavy_bwd, **bwd_conv(7, n))],
+                dict(heavy_bwd, **bwd_conv(7, n)), [dict(BLOCK_PARTS=PL.bn_parts_block(dtype))])
         add(_bn_partials_reduce_kernel, dtype, acc, [dict(MOMENTS=False), dict(MOMENTS=True)],
             dict(MOMENTS=True), [{}])
         # parameter gradients: the MLP part and the conv/BatchNorm part run in separate
@@ -334,6 +343,8 @@ def launch_options(kernel, constexprs=None, dtype=torch.float32) -> dict:
         cx = constexprs or {}
         return PL.big_pass_options(bool(cx.get("HID_PARTIAL")), bool(cx.get("K_CONTIG")),
                                    torch.empty(0, dtype=dtype).element_size())
+    if (constexprs or {}).get("STENCIL") and kernel.fn.__name__ == "_spatial_gate_bwd_kernel":
+        return PL.psi_bwd_options(constexprs["GRAD_ROWS"])
     return {"num_warps": PL.SMALL_NUM_WARPS, "maxnreg": PL.SMALL_MAXNREG}
 
 

@@ -29,9 +29,9 @@ from .kernels.weight_grads import _weight_grads_kernel
 from .launch import jit_launch
 from .plan import (CONV_GRAD_BLOCK, NUM_WARPS, SMALL_MAXNREG, SMALL_NUM_WARPS,
                    Reduction, acc_dtype, b1_blocks, b2_blocks, big_pass_options, cdiv,
-                   channel_split, conv_tiles, bn_parts_block, cp_blocks,
-                   elementwise_position_groups, loop_stages, position_split, reduction_plan,
-                   sm_count, weight_grad_rows, weight_grad_samples)
+                   channel_split, bn_parts_block, cp_blocks, elementwise_position_groups,
+                   loop_stages, position_split, psi_bwd_options, reduction_plan, sm_count,
+                   weight_grad_rows, weight_grad_samples)
 
 # launch options of the small-map kernels (plan.py)
 SMALL_OPTIONS = dict(num_warps=SMALL_NUM_WARPS, maxnreg=SMALL_MAXNREG)
@@ -415,15 +415,17 @@ def spatial_gate_bwd(plan, f: Flags, w, saved, bufs, sums, num_parts: int, run=j
     """dsmean/dsmax through BatchNorm and the conv, and the conv gradient rows of each
     program's rows."""
     acc = saved["u"]
-    kk_pad, block_q = conv_tiles(f.kernel_size, plan.dtype)
+    conv = plan.psi_bwd_conv(f.kernel_size)
+    options = psi_bwd_options(conv["GRAD_ROWS"]) if conv["STENCIL"] else SMALL_OPTIONS
     run(_spatial_gate_bwd_kernel, (plan.psi_programs,),
         (bufs["ds"], saved["u"], saved["bn_stats"], sums, _or(w.bn_weight, acc), w.conv_weight,
          saved["smean"], saved["smax"], bufs["dsmean"], bufs["dsmax"], bufs["cgrad"],
+         bufs["cgrad_part"],
          plan.H, plan.W, plan.psi_rows, plan.psi_row_blocks, num_parts),
         dict(POOL_ORDER=f.pool_order, KSIZE=f.kernel_size, BN_MODE=f.bn_mode,
              HAS_BN_W=f.has_bn_w, ACC_DTYPE=_tl_acc(plan.dtype),
              BLOCK_PARTS=bn_parts_block(plan.dtype),
-             KK_PAD=kk_pad, BLOCK_Q=block_q, **SMALL_OPTIONS))
+             **conv, **options))
 
 
 def channel_gate_bwd(plan, f: Flags, w, saved, bufs, run=jit_launch):

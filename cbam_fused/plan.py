@@ -48,7 +48,10 @@ CONV_GRAD_BLOCK = 128  # conv-gradient entries summed at once (7x7, two maps, bi
 EW_BLOCKS_PER_PROGRAM = 4
 EW_MIN_PROGRAMS_PER_SM = 16
 PSI_STENCIL_MIN_POSITIONS = 128  # own positions of a spatial-map program from which its
-                                # forward conv is a stencil (psi_conv)
+                                # convs are stencils (psi_conv, psi_bwd_conv)
+PSI_BWD_STENCIL_MAX_Q = 1024  # most positions of a backward stencil program (one step)
+PSI_BWD_STENCIL_MIN_Q = 256   # its fewest (4 warps; 2 warps spill in some sm_90 builds)
+PSI_BWD_STENCIL_PER_THREAD = 2  # its positions per thread (a warp per 64 positions)
 BN_PARTS_BLOCK = 256  # BatchNorm partial rows combined at once (one row per psi program;
                       # half for fp64, which spills in F3 on sm_80 otherwise)
 
@@ -364,9 +367,12 @@ class BlockPlan:
     def bwd_scratch_layout(self, spatial_kernel_size, spatial_maps):
         N, C, P = self.N, self.C, self.Ps
         R = self.psi_programs
+        cg = spatial_maps * spatial_kernel_size ** 2 + 1  # a conv gradient row
         return (("gs_part", N * self.b1_splits * P), ("gc_part", N * self.b1_p_blocks * C),
                 ("ds", N * P), ("dsmean", N * P), ("dsmax", N * P),
-                ("bsums", R * 2), ("cgrad", R * (spatial_maps * spatial_kernel_size ** 2 + 1)),
+                ("bsums", R * 2), ("cgrad", R * cg),
+                ("cgrad_part", R * cg * self.psi_bwd_conv(spatial_kernel_size)["GRAD_ROWS"]
+                 * int(self.psi_bwd_conv(spatial_kernel_size)["STENCIL"])),
                 ("gc2_part", N * self.b2_splits * C), ("dlog", N * C),
                 ("drpart", N * self.b2_c_blocks * self.hidden * int(self.phi_bwd_blocks)),
                 ("dh", N * 2 * self.hidden * int(self.two_layers)),
@@ -377,6 +383,11 @@ class BlockPlan:
     def psi_conv(self, kernel_size):
         """The forward spatial map's conv constexprs for this plan's programs (psi_conv)."""
         return psi_conv(kernel_size, self.dtype, self.psi_rows * self.W)
+
+    @functools.lru_cache(maxsize=None)
+    def psi_bwd_conv(self, kernel_size):
+        """The backward spatial map's conv constexprs for this plan's programs (psi_bwd_conv)."""
+        return psi_bwd_conv(kernel_size, self.dtype, self.psi_rows * self.W)
 
     @functools.lru_cache(maxsize=None)
     def bwd_scratch_size(self, spatial_kernel_size, spatial_maps):
@@ -536,10 +547,35 @@ def psi_conv(kernel_size: int, dtype, own_positions: int) -> dict:
                 BLOCK_Q=SMALL_NUM_WARPS * 32 if stencil else block_q)
 
 
-def psi_rows(N: int, H: int, sms: int) -> int:
+def psi_bwd_conv(kernel_size: int, dtype, own_positions: int) -> dict:
+    """STENCIL, KK_PAD, BLOCK_Q and GRAD_ROWS of the backward spatial map's transposed
+    conv and weight gradient, for programs of own_positions positions. A stencil from
+    PSI_STENCIL_MIN_POSITIONS up to PSI_BWD_STENCIL_MAX_Q positions, in one step of
+    BLOCK_Q: a warp per PSI_BWD_STENCIL_PER_THREAD * 32 positions, each summing its own
+    partial weight-gradient row (GRAD_ROWS of them, added at the end of the program);
+    below or above, the [BLOCK_Q, KK_PAD] gathers of conv_tiles, in steps. At 7x7,
+    64x256x56x56, a program issues about 46,000 warp instructions, where the gathers
+    issue 134,000."""
+    kk_pad, block_q = conv_tiles(kernel_size, dtype)
+    stencil = PSI_STENCIL_MIN_POSITIONS <= own_positions <= PSI_BWD_STENCIL_MAX_Q
+    if stencil:
+        block_q = max(PSI_BWD_STENCIL_MIN_Q, triton.next_power_of_2(own_positions))
+    return dict(STENCIL=stencil, KK_PAD=kk_pad, BLOCK_Q=block_q,
+                GRAD_ROWS=block_q // (32 * PSI_BWD_STENCIL_PER_THREAD) if stencil else 1)
+
+
+def psi_bwd_options(grad_rows: int) -> dict:
+    """Launch options of the backward spatial map's stencil: a warp per position group
+    (GRAD_ROWS), PSI_BWD_STENCIL_PER_THREAD positions per thread."""
+    return dict(num_warps=grad_rows, maxnreg=SMALL_MAXNREG)
+
+
+def psi_rows(N: int, H: int, W: int, sms: int) -> int:
     """Rows of the map per spatial-map program: samples times row blocks fill about two
-    programs per SM (each program also merges or reads its conv's halo rows)."""
-    blocks = max(1, min(H, (2 * sms) // N))
+    programs per SM (each program also merges or reads its conv's halo rows), and at most
+    PSI_BWD_STENCIL_MAX_Q positions a program (the backward's stencil takes them in one
+    step), unless one row holds more."""
+    blocks = max(1, min(H, (2 * sms) // N), cdiv(H, max(1, PSI_BWD_STENCIL_MAX_Q // W)))
     return cdiv(H, blocks)
 
 
@@ -583,7 +619,7 @@ def block_plan(N: int, C: int, H: int, W: int, hidden: int, two_layers: bool, sp
         b2_splits, b2_p_per_split = position_split(N, C, P, p_contig, dtype, sms, splits=1)
     wg_tile = weight_tile(hidden, two_layers, C, sms)
     tiles1, tiles2, rows1, rows2 = weight_grad_grid(hidden, two_layers, C, wg_tile)
-    rows = psi_rows(N, H, sms)
+    rows = psi_rows(N, H, W, sms)
     phi_c_programs, phi_c_per_program = phi_channel_programs(N, C, sms)
     phi_blocks_c, _, phi_blocks_rb = phi_blocks_tiles(hidden, dtype)
     return BlockPlan(N, C, H, W, hidden, two_layers, spatial, kernel_size if spatial else 0,

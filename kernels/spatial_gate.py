@@ -27,8 +27,9 @@ a barrier, runs the conv as a stencil over BLOCK_Q positions at a time: the k*k 
 unrolled, each one load of the shifted positions and one multiply-add per position
 (_conv_taps); a program of few positions gathers every tap of them at once instead
 (plan.psi_conv). The backward's du is pointwise in inputs an earlier launch wrote (ds, u), so
-its [BLOCK_Q, k*k] gather forms du at the taps directly, for the transposed conv and the
-weight gradient at once. No program reads what another program of the same launch writes.
+it is formed at the taps directly, for the transposed conv and the weight gradient at
+once: as a stencil (_bwd_conv_taps) or, for few positions, in one [BLOCK_Q, k*k] gather
+(plan.psi_bwd_conv). No program reads what another program of the same launch writes.
 """
 import triton
 import triton.language as tl
@@ -282,6 +283,8 @@ def _spatial_gate_bwd_kernel(
     dsmean_ptr, dsmax_ptr, # [N, P] ACC_DTYPE out
     cgrad_ptr,     # [N * RB, M*K*K + 1] ACC_DTYPE out: the conv weight and bias gradients of
                    # each program's rows
+    cpart_ptr,     # [N * RB, GRAD_ROWS, M*K*K + 1] ACC_DTYPE scratch: each program's rows of
+                   # per-warp partial sums (STENCIL)
     H, W, ROWS, RB, NPARTS,
     POOL_ORDER: tl.constexpr,
     KSIZE: tl.constexpr,
@@ -289,12 +292,16 @@ def _spatial_gate_bwd_kernel(
     HAS_BN_W: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_PARTS: tl.constexpr,  # BatchNorm rows summed at once
+    STENCIL: tl.constexpr,   # the conv as a stencil (taps unrolled, BLOCK_Q positions a
+                             # step); else as [BLOCK_Q, KK_PAD] tap gathers
     KK_PAD: tl.constexpr,    # next power of two >= KSIZE * KSIZE
-    BLOCK_Q: tl.constexpr,   # positions per step of the conv (BLOCK_Q x KK_PAD gathers)
+    BLOCK_Q: tl.constexpr,   # positions per step of the conv
+    GRAD_ROWS: tl.constexpr, # STENCIL: position groups (warps) of a program, each summing
+                             # its own partial conv gradient row
 ):
     """dsmean/dsmax through the conv and the conv gradient rows of one (sample, block of
-    ROWS rows). du is pointwise in (ds, u), so the transposed conv's gather forms du at
-    the tap positions itself (halo included) and no program reads another's stores."""
+    ROWS rows). du is pointwise in (ds, u), so the transposed conv forms du at the tap
+    positions itself (halo included) and no program reads another's stores."""
     pid = tl.program_id(0)
     n, o0, o1, e0, e1 = _row_block(pid, H, W, ROWS, RB, 0)  # no halo: e0, e1 = o0, o1
     P = H * W
@@ -318,49 +325,139 @@ def _spatial_gate_bwd_kernel(
         mean_dy = total_ds / count
         mean_dyu = total_dsu / count
 
-    t = tl.arange(0, KK_PAD)
-    # The window is symmetric: off(KK - 1 - t) = -off(t). So the transposed conv
-    # dz[p] = sum_t w[t] du[p - off(t)] = sum_t w[KK - 1 - t] du[p + off(t)] gathers at the
-    # same taps p + off(t) as the weight gradient: one set of indices, with flipped weights.
-    flip = KK - 1 - t
-    w0f = tl.load(convw_ptr + flip, mask=t < KK, other=0.0).to(ACC_DTYPE)
-    w1f = tl.load(convw_ptr + KK + flip, mask=(t < KK) & (M == 2), other=0.0).to(ACC_DTYPE)
-    bsum = tl.zeros([BLOCK_Q], ACC_DTYPE)
-    g0 = tl.zeros([KK_PAD], ACC_DTYPE)   # per-tap weight gradient of this program's rows
-    g1 = tl.zeros([KK_PAD], ACC_DTYPE)
-    for p0 in range(o0, o1, BLOCK_Q):
-        offs_p = p0 + tl.arange(0, BLOCK_Q)
+    CG: tl.constexpr = M * KK + 1  # entries of a conv gradient row: weights, bias
+    if STENCIL:  # the program's positions in one step (plan.psi_rows, psi_bwd_conv)
+        # [R, G, 32]: warp g takes positions g*32 .. g*32+31 of every 32*G, R of each
+        G: tl.constexpr = GRAD_ROWS
+        R: tl.constexpr = BLOCK_Q // (32 * G)
+        r_idx = tl.arange(0, R)[:, None, None]
+        group = tl.arange(0, G)[None, :, None]
+        lane = tl.arange(0, 32)[None, None, :]
+        offs_p = o0 + (r_idx * (32 * G) + group * 32 + lane)
         mask_p = offs_p < o1
-        # one gather [BLOCK_Q, KK_PAD] of du and z at the taps p + off(t)
-        q, valid, _ = _taps(offs_p, mask_p, H, W, KSIZE, KK_PAD, 1)
-        d = _du(ds_ptr + row, u_ptr + row, q, valid, mean, invstd, scale, mean_dy, mean_dyu,
-                BN_MODE)
-        # transposed conv: dz[p] = sum_t w[KK - 1 - t] du[p + off(t)]
-        dz0 = tl.sum(tl.where(valid, w0f[None, :] * d, 0.0), 1)
-        dz1 = tl.sum(tl.where(valid, w1f[None, :] * d, 0.0), 1)
-        # weight gradient: dw[t] += sum_p du[p] z[p + off(t)]
         du_p = _du(ds_ptr + row, u_ptr + row, offs_p, mask_p, mean, invstd, scale, mean_dy,
                    mean_dyu, BN_MODE)
-        z0, z1 = _conv_inputs(smean_ptr + row, smax_ptr + row, q, valid, POOL_ORDER)
-        g0 += tl.sum(tl.where(valid, du_p[:, None] * z0, 0.0), 0)
+        # the group's gradient row at every position of the group, stored from its first:
+        # the sums stay in the layout they are reduced in (stored as [G] they would go
+        # through shared memory, two barriers a tap)
+        zeros = tl.zeros([R, G, 32], tl.int32)
+        parts = cpart_ptr + pid.to(tl.int64) * (G * CG)  # this program's G partial rows
+        group_rows = parts + (group + zeros) * CG
+        lead = (r_idx + lane + zeros) == 0
+        dz0, dz1 = _bwd_conv_taps(ds_ptr + row, u_ptr + row, smean_ptr + row, smax_ptr + row,
+                                  convw_ptr, group_rows, lead, offs_p, mask_p, du_p, H, W,
+                                  mean, invstd, scale, mean_dy, mean_dyu, BN_MODE, POOL_ORDER,
+                                  KSIZE, ACC_DTYPE)
+        _store_dz(dsmean_ptr + row, dsmax_ptr + row, offs_p, mask_p, dz0, dz1, POOL_ORDER)
+        tl.store(group_rows + M * KK, _group_sums(du_p), mask=lead)
+        tl.debug_barrier()  # the partial rows, stored by each warp, read by every thread
+        crow = cgrad_ptr + pid.to(tl.int64) * CG
+        for c0 in tl.static_range(0, 3 * KK_PAD, KK_PAD):  # 3 KK_PAD >= CG = M KK + 1
+            cols = c0 + tl.arange(0, KK_PAD)
+            part = tl.load(parts + tl.arange(0, G)[:, None] * CG + cols[None, :],
+                           mask=cols[None, :] < CG, other=0.0)
+            tl.store(crow + cols, tl.sum(part, 0), mask=cols < CG)
+    else:
+        crow = cgrad_ptr + pid.to(tl.int64) * CG  # this program's gradient row
+        t = tl.arange(0, KK_PAD)
+        # The window is symmetric: off(KK - 1 - t) = -off(t). So the transposed conv
+        # dz[p] = sum_t w[t] du[p - off(t)] = sum_t w[KK - 1 - t] du[p + off(t)] gathers at
+        # the same taps p + off(t) as the weight gradient: one set of indices, flipped
+        # weights (read once).
+        flip = KK - 1 - t
+        w0f = tl.load(convw_ptr + flip, mask=t < KK, other=0.0).to(ACC_DTYPE)
+        w1f = tl.load(convw_ptr + KK + flip, mask=(t < KK) & (M == 2), other=0.0).to(ACC_DTYPE)
+        bsum = tl.zeros([BLOCK_Q], ACC_DTYPE)
+        g0 = tl.zeros([KK_PAD], ACC_DTYPE)   # per-tap weight gradient of this program's rows
+        g1 = tl.zeros([KK_PAD], ACC_DTYPE)
+        for p0 in range(o0, o1, BLOCK_Q):
+            offs_p = p0 + tl.arange(0, BLOCK_Q)
+            mask_p = offs_p < o1
+            # one gather [BLOCK_Q, KK_PAD] of du and z at the taps p + off(t)
+            q, valid, _ = _taps(offs_p, mask_p, H, W, KSIZE, KK_PAD, 1)
+            d = _du(ds_ptr + row, u_ptr + row, q, valid, mean, invstd, scale, mean_dy,
+                    mean_dyu, BN_MODE)
+            # transposed conv: dz[p] = sum_t w[KK - 1 - t] du[p + off(t)]
+            dz0 = tl.sum(tl.where(valid, w0f[None, :] * d, 0.0), 1)
+            dz1 = tl.sum(tl.where(valid, w1f[None, :] * d, 0.0), 1)
+            # weight gradient: dw[t] += sum_p du[p] z[p + off(t)]
+            du_p = _du(ds_ptr + row, u_ptr + row, offs_p, mask_p, mean, invstd, scale,
+                       mean_dy, mean_dyu, BN_MODE)
+            z0, z1 = _conv_inputs(smean_ptr + row, smax_ptr + row, q, valid, POOL_ORDER)
+            g0 += tl.sum(tl.where(valid, du_p[:, None] * z0, 0.0), 0)
+            if M == 2:
+                g1 += tl.sum(tl.where(valid, du_p[:, None] * z1, 0.0), 0)
+            bsum += tl.where(mask_p, du_p, 0.0)
+            _store_dz(dsmean_ptr + row, dsmax_ptr + row, offs_p, mask_p, dz0, dz1, POOL_ORDER)
+        tl.store(crow + t, g0, mask=t < KK)
         if M == 2:
-            g1 += tl.sum(tl.where(valid, du_p[:, None] * z1, 0.0), 0)
-        bsum += tl.where(mask_p, du_p, 0.0)
-        if POOL_ORDER == 0:
-            dmean, dmax = dz1, dz0
-        elif POOL_ORDER == 1:
-            dmean, dmax = dz0, dz1
-        else:
-            dmean = 0.5 * dz0
-            dmax = dmean
-        tl.store(dsmean_ptr + row + offs_p, dmean, mask=mask_p)
-        tl.store(dsmax_ptr + row + offs_p, dmax, mask=mask_p)
+            tl.store(crow + KK + t, g1, mask=t < KK)
+        tl.store(crow + M * KK + t, tl.where(t == 0, tl.sum(bsum, 0), 0.0), mask=t == 0)
 
-    crow = pid.to(tl.int64) * (M * KK + 1)
-    tl.store(cgrad_ptr + crow + t, g0, mask=t < KK)
-    if M == 2:
-        tl.store(cgrad_ptr + crow + KK + t, g1, mask=t < KK)
-    tl.store(cgrad_ptr + crow + M * KK + t, tl.where(t == 0, tl.sum(bsum, 0), 0.0), mask=t == 0)
+
+@triton.jit
+def _store_dz(dsmean_ptr, dsmax_ptr, offs_p, mask_p, dz0, dz1, POOL_ORDER: tl.constexpr):
+    """dsmean and dsmax at positions offs_p from the conv input maps' gradients dz_m."""
+    if POOL_ORDER == 0:
+        dmean, dmax = dz1, dz0
+    elif POOL_ORDER == 1:
+        dmean, dmax = dz0, dz1
+    else:  # z_0 = 0.5 * smean + 0.5 * smax
+        dmean = 0.5 * dz0
+        dmax = dmean
+    tl.store(dsmean_ptr + offs_p, dmean, mask=mask_p)
+    tl.store(dsmax_ptr + offs_p, dmax, mask=mask_p)
+
+
+@triton.jit
+def _bwd_conv_taps(ds_ptr, u_ptr, smean_ptr, smax_ptr, w_ptr, group_rows, lead, offs_p,
+                   mask_p, du_p, H, W, mean, invstd, scale, mean_dy, mean_dyu,
+                   BN_MODE: tl.constexpr, POOL_ORDER: tl.constexpr, KSIZE: tl.constexpr,
+                   ACC_DTYPE: tl.constexpr):
+    """The transposed conv (dz_0, dz_1) at positions offs_p ([R, G, 32]: G groups, one per
+    warp), returned, and the weight gradient entries sum_p du[p] z_m[p + off(T)] of every
+    tap T, one partial sum per group, stored at group_rows + m * KK + T where lead (the
+    group's first position): per tap a sum within each warp, no block-wide reduction.
+    A stencil: per row of the window (a loop, so only that row's weights are live), its
+    k taps unrolled, each one load of du's inputs and of each conv input map at the
+    shifted positions (constant offsets from the row's pointers) and two multiply-adds
+    per position. The window is symmetric (off(KK - 1 - t) = -off(t)), so the transposed
+    conv dz[p] = sum_t w[t] du[p - off(t)] = sum_t w[KK - 1 - t] du[p + off(t)] reads the
+    same shifted positions as the weight gradient, with flipped weights."""
+    KK: tl.constexpr = KSIZE * KSIZE
+    M: tl.constexpr = 1 if POOL_ORDER == 2 else 2
+    py = offs_p // W
+    px = offs_p - py * W
+    dz0 = tl.zeros(offs_p.shape, ACC_DTYPE)
+    dz1 = tl.zeros(offs_p.shape, ACC_DTYPE)
+    for ty in range(KSIZE):  # a loop: unrolled, the window's weights crowd the registers (spills)
+        dy = ty - KSIZE // 2
+        # one unsigned compare per axis: a row or column before 0 wraps to a large value
+        row_ok = mask_p & ((py + dy).to(tl.uint32) < tl.cast(H, tl.uint32))
+        q_row = offs_p + dy * W
+        # pointers at the row's positions: each tap adds a constant (an address immediate)
+        ds_row, u_row = ds_ptr + q_row, u_ptr + q_row
+        smean_row, smax_row = smean_ptr + q_row, smax_ptr + q_row
+        for tx in tl.static_range(KSIZE):
+            dx = tx - KSIZE // 2
+            valid = row_ok & ((px + dx).to(tl.uint32) < tl.cast(W, tl.uint32))
+            tap = ty * KSIZE + tx
+            d = _du(ds_row, u_row, dx, valid, mean, invstd, scale, mean_dy, mean_dyu, BN_MODE)
+            wf = w_ptr + (KK - 1 - tap)
+            dz0 += tl.load(wf).to(ACC_DTYPE) * d
+            z0, z1 = _conv_inputs(smean_row, smax_row, dx, valid, POOL_ORDER)
+            tl.store(group_rows + tap, _group_sums(du_p * z0), mask=lead)
+            if M == 2:
+                dz1 += tl.load(wf + KK).to(ACC_DTYPE) * d
+                tl.store(group_rows + (KK + tap), _group_sums(du_p * z1), mask=lead)
+    return dz0, dz1
+
+
+@triton.jit
+def _group_sums(v):
+    """The sum of v ([R, G, 32]) over each group's positions, at each of them: within
+    each thread, then across the warp's lanes."""
+    return tl.sum(tl.sum(v, 0, keep_dims=True), 2, keep_dims=True) + tl.zeros_like(v)
 
 
 @triton.jit

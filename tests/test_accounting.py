@@ -80,7 +80,7 @@ def test_programs_per_launch_on_a_large_gpu(monkeypatch):
     N, C, H, W = 2, 24, 14, 12
     _, fwd, bwd, _ = _measure("official", (N, C, H, W), torch.float32, "channels_last")
     programs = {(i, r.kernel): r.programs for i, r in enumerate(fwd.launches + bwd.launches)}
-    rows = plan_module.psi_rows(N, H, 132)
+    rows = plan_module.psi_rows(N, H, W, 132)
     assert rows == 1
     psi = [p for (_, k), p in programs.items() if k.startswith("_spatial_gate")]
     assert psi == [N * H] * 3, programs

@@ -147,7 +147,7 @@ def test_plan_of_a_large_gpu(case, layout, device, monkeypatch):
     variant, shape, kernel_size = case
     N, C, H, W = shape
     monkeypatch.setattr(plan_module, "INTERPRETER_SM_COUNT", 132)
-    rows = plan_module.psi_rows(N, H, 132)
+    rows = plan_module.psi_rows(N, H, W, 132)
     assert rows < H                                   # several row blocks per sample
     assert rows == (2 if N == 60 else 1)
     b2_splits, _ = plan_module.position_split(N, C, H * W, layout == "nchw", torch.float32, 132)
@@ -161,11 +161,14 @@ def test_plan_of_a_large_gpu(case, layout, device, monkeypatch):
     check_pair(run_pair(m, x), torch.float32, shape, f"132 SMs {variant}/{shape}/{layout}")
 
 
-# (variant, kernel size, dtype): the forward spatial map's conv as a stencil and as tap
-# gathers (plan.psi_conv) on a 23 x 19 map (one program per sample on one SM: 437
-# positions, two stencil steps with a short last one; 14 gathers), every conv input mode
-PSI_CONV_CASES = [("official", 7, torch.float32), ("timm", 7, torch.bfloat16),
-                  ("timm_light", 3, torch.float32), ("official", 5, torch.float64)]
+# (variant, kernel size, dtype, most positions of a backward stencil program): the
+# spatial maps' convs as stencils and as tap gathers (plan.psi_conv, plan.psi_bwd_conv)
+# on a 23 x 19 map on one SM: one program of 437 positions per sample (the forward's
+# stencil in two steps with a short last one, the backward's in one of 512), or, at
+# most 256, two of 12 and 11 rows (the halo crosses programs; backward steps of 256);
+# gathers: 14 or 8 steps. Every conv input mode.
+PSI_CONV_CASES = [("official", 7, torch.float32, 256), ("timm", 7, torch.bfloat16, 512),
+                  ("timm_light", 3, torch.float32, 256), ("official", 5, torch.float64, 512)]
 
 
 @pytest.mark.parametrize("stencil", [True, False], ids=["stencil", "gathers"])
@@ -173,26 +176,35 @@ PSI_CONV_CASES = [("official", 7, torch.float32), ("timm", 7, torch.bfloat16),
 def test_spatial_conv_paths(case, stencil, device, monkeypatch):
     from cbam_fused import plan as plan_module
 
-    variant, kernel_size, dtype = case
+    variant, kernel_size, dtype, bwd_most = case
     shape = (2, 12, 23, 19)
     monkeypatch.setattr(plan_module, "PSI_STENCIL_MIN_POSITIONS", 1 if stencil else 10 ** 9)
-    chosen = []
-    real = plan_module.psi_conv
+    monkeypatch.setattr(plan_module, "PSI_BWD_STENCIL_MAX_Q", bwd_most)
+    chosen = {"psi_conv": [], "psi_bwd_conv": []}
+    for name in chosen:
+        real = getattr(plan_module, name)
 
-    def spy(*args):
-        cx = real(*args)
-        chosen.append(cx["STENCIL"])
-        return cx
-    monkeypatch.setattr(plan_module, "psi_conv", spy)
-    cached = plan_module.BlockPlan.psi_conv  # per plan: choose again under this threshold
-    cached.cache_clear()
+        def spy(*args, real=real, name=name):
+            cx = real(*args)
+            chosen[name].append((cx["STENCIL"], cx["BLOCK_Q"]))
+            return cx
+        monkeypatch.setattr(plan_module, name, spy)
+    # plan again under these thresholds
+    cached = (plan_module.block_plan, plan_module.BlockPlan.psi_conv,
+              plan_module.BlockPlan.psi_bwd_conv)
+    for c in cached:
+        c.cache_clear()
     try:
         m = make_module(variant, shape[1], device, kernel_size=kernel_size)
         check_pair(run_pair(m, make_input(shape, dtype, "nchw", device)), dtype, shape,
                    f"psi conv {'stencil' if stencil else 'gathers'} {variant} k={kernel_size}")
     finally:
-        cached.cache_clear()
-    assert chosen and all(c == stencil for c in chosen)
+        for c in cached:
+            c.cache_clear()
+    assert chosen["psi_conv"] and all(c[0] == stencil for c in chosen["psi_conv"])
+    assert chosen["psi_bwd_conv"] and all(c[0] == stencil for c in chosen["psi_bwd_conv"])
+    if stencil:
+        assert {c[1] for c in chosen["psi_bwd_conv"]} == {bwd_most}
 
 
 # (shape, layout, phi_blocks, phi_bwd_blocks, hidden loop) on 132 SMs, hidden = C / 4.
