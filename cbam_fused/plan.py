@@ -153,12 +153,13 @@ def narrowest_tile(contig: int, other: int, rows: int, N: int, sms: int):
 def b2_blocks(N: int, C: int, P: int, p_contig: bool, dtype, sms: int):
     """(BLOCK_C, BLOCK_P) of B2, which reduces over positions: cp_blocks's, narrowed where
     the positions are contiguous (NCHW; narrowest_tile) and the wide tile walks them in
-    two steps or fewer. B2 loads its per-position rows (spatial max, index, count,
-    gradients) at every step, so a longer walk pays more in narrow steps than it saves
-    in programs (desk model, 64x512x28x28: 28.7 us narrowed, 23.9 us not; 14x14: 16.6
-    against 29.6)."""
+    two steps. B2 loads its per-position rows (spatial max, index, count, gradients) at
+    every step, so a longer walk pays more in narrow steps than it saves in programs,
+    and a map the wide tile covers at once gains nothing (desk model, 64x1024x14x14:
+    16.6 us narrowed, 29.6 not; 64x512x28x28: 28.7 against 23.9; 64x2048x7x7 official:
+    30.2 against 27.1)."""
     block_c, block_p = cp_blocks(C, P, p_contig, dtype)
-    if p_contig and P <= 2 * block_p:
+    if p_contig and block_p < P <= 2 * block_p:
         block_p, block_c = narrowest_tile(block_p, block_c, C, N, sms)
     return block_c, block_p
 
