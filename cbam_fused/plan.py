@@ -50,7 +50,7 @@ EW_MIN_PROGRAMS_PER_SM = 16
 PSI_STENCIL_MIN_POSITIONS = 128  # own positions of a spatial-map program from which its
                                 # convs are stencils (psi_conv, psi_bwd_conv)
 PSI_BWD_STENCIL_MAX_Q = 1024  # most positions of a backward stencil program (one step)
-PSI_BWD_STENCIL_MIN_Q = 256   # its fewest (4 warps; 2 warps spill in some sm_90 builds)
+PSI_BWD_STENCIL_MIN_Q = 256   # its fewest (4 warps): programs of 128 to 256 positions
 PSI_BWD_STENCIL_PER_THREAD = 2  # its positions per thread (a warp per 64 positions)
 BN_PARTS_BLOCK = 256  # BatchNorm partial rows combined at once (one row per psi program;
                       # half for fp64, which spills in F3 on sm_80 otherwise)
