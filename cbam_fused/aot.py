@@ -343,8 +343,8 @@ def launch_options(kernel, constexprs=None, dtype=torch.float32) -> dict:
         cx = constexprs or {}
         return PL.big_pass_options(bool(cx.get("HID_PARTIAL")), bool(cx.get("K_CONTIG")),
                                    torch.empty(0, dtype=dtype).element_size())
-    if (constexprs or {}).get("STENCIL") and kernel.fn.__name__ == "_spatial_gate_bwd_kernel":
-        return PL.psi_bwd_options(constexprs["GRAD_ROWS"])
+    if kernel.fn.__name__ == "_spatial_gate_bwd_kernel" and constexprs:
+        return PL.psi_bwd_options(constexprs)
     return {"num_warps": PL.SMALL_NUM_WARPS, "maxnreg": PL.SMALL_MAXNREG}
 
 

@@ -416,7 +416,6 @@ def spatial_gate_bwd(plan, f: Flags, w, saved, bufs, sums, num_parts: int, run=j
     program's rows."""
     acc = saved["u"]
     conv = plan.psi_bwd_conv(f.kernel_size)
-    options = psi_bwd_options(conv["GRAD_ROWS"]) if conv["STENCIL"] else SMALL_OPTIONS
     run(_spatial_gate_bwd_kernel, (plan.psi_programs,),
         (bufs["ds"], saved["u"], saved["bn_stats"], sums, _or(w.bn_weight, acc), w.conv_weight,
          saved["smean"], saved["smax"], bufs["dsmean"], bufs["dsmax"], bufs["cgrad"],
@@ -425,7 +424,7 @@ def spatial_gate_bwd(plan, f: Flags, w, saved, bufs, sums, num_parts: int, run=j
         dict(POOL_ORDER=f.pool_order, KSIZE=f.kernel_size, BN_MODE=f.bn_mode,
              HAS_BN_W=f.has_bn_w, ACC_DTYPE=_tl_acc(plan.dtype),
              BLOCK_PARTS=bn_parts_block(plan.dtype),
-             **conv, **options))
+             **conv, **psi_bwd_options(conv)))
 
 
 def channel_gate_bwd(plan, f: Flags, w, saved, bufs, run=jit_launch):

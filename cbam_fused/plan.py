@@ -369,11 +369,11 @@ class BlockPlan:
         N, C, P = self.N, self.C, self.Ps
         R = self.psi_programs
         cg = spatial_maps * spatial_kernel_size ** 2 + 1  # a conv gradient row
+        conv = self.psi_bwd_conv(spatial_kernel_size)
         return (("gs_part", N * self.b1_splits * P), ("gc_part", N * self.b1_p_blocks * C),
                 ("ds", N * P), ("dsmean", N * P), ("dsmax", N * P),
                 ("bsums", R * 2), ("cgrad", R * cg),
-                ("cgrad_part", R * cg * self.psi_bwd_conv(spatial_kernel_size)["GRAD_ROWS"]
-                 * int(self.psi_bwd_conv(spatial_kernel_size)["STENCIL"])),
+                ("cgrad_part", R * cg * conv["GRAD_ROWS"] if conv["STENCIL"] else 0),
                 ("gc2_part", N * self.b2_splits * C), ("dlog", N * C),
                 ("drpart", N * self.b2_c_blocks * self.hidden * int(self.phi_bwd_blocks)),
                 ("dh", N * 2 * self.hidden * int(self.two_layers)),
@@ -565,10 +565,12 @@ def psi_bwd_conv(kernel_size: int, dtype, own_positions: int) -> dict:
                 GRAD_ROWS=block_q // (32 * PSI_BWD_STENCIL_PER_THREAD) if stencil else 1)
 
 
-def psi_bwd_options(grad_rows: int) -> dict:
-    """Launch options of the backward spatial map's stencil: a warp per position group
-    (GRAD_ROWS), PSI_BWD_STENCIL_PER_THREAD positions per thread."""
-    return dict(num_warps=grad_rows, maxnreg=SMALL_MAXNREG)
+def psi_bwd_options(conv: dict) -> dict:
+    """Launch options of the backward spatial map with its conv constexprs (psi_bwd_conv):
+    the stencil takes a warp per position group (GRAD_ROWS), PSI_BWD_STENCIL_PER_THREAD
+    positions per thread; the gathers, the small maps' warps."""
+    return dict(num_warps=conv["GRAD_ROWS"] if conv["STENCIL"] else SMALL_NUM_WARPS,
+                maxnreg=SMALL_MAXNREG)
 
 
 def psi_rows(N: int, H: int, W: int, sms: int) -> int:
