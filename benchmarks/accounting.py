@@ -19,7 +19,7 @@ from cbam_fused.aot import resident_ctas
 from report import print_table
 
 BIG_TENSOR_KERNELS = ("_pool_stats_kernel", "_gate_apply_kernel", "_bwd_gate_sums_kernel",
-                      "_bwd_spatial_pool_kernel", "_bwd_input_kernel")
+                      "_bwd_spatial_pool_kernel", "_bwd_input_kernel", "_bwd_input_rows_kernel")
 
 
 def _saved_bytes(fn, exclude):

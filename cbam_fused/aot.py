@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 
 from . import plan as PL
-from .kernels.backward import _bwd_gate_sums_kernel, _bwd_input_kernel, _bwd_spatial_pool_kernel
+from .kernels.backward import (_bwd_gate_sums_kernel, _bwd_input_kernel, _bwd_input_rows_kernel,
+                               _bwd_spatial_pool_kernel)
 from .kernels.channel_gate import (_channel_gate_bwd_blocks_kernel, _channel_gate_bwd_kernel,
                                    _channel_gate_fwd_blocks_kernel, _channel_gate_fwd_kernel)
 from .kernels.gate_apply import _gate_apply_kernel
@@ -316,6 +317,12 @@ def launch_configs(dtypes=DTYPES):
                 for st in stages:
                     add(_bwd_spatial_pool_kernel, dtype, AMAX=amax, DR_PARTIAL=dr_partial,
                         NUM_STAGES=st, BLOCK_PB=block_pb, BLOCK_H=block_h, HID_LOOP=loop, **blk)
+        # B3 by rows (plan.b3_rows: one block width per dtype, each step count)
+        block_k = PL.B3_ROWS_WARPS * 32 * (16 // torch.empty(0, dtype=dtype).element_size())
+        for p_contig, has_sa, amax, steps in itertools.product(
+                (True, False), (False, True), (False, True), PL.B3_ROWS_STEPS):
+            add(_bwd_input_rows_kernel, dtype, HAS_SA=has_sa, AMAX=amax, P_CONTIG=p_contig,
+                BLOCK_K=block_k, STEPS=steps)
     acc_dtypes = sorted({torch.float32 if d != torch.float64 else d for d in dtypes}, key=str)
     for kernel, dtype, cx in _small_map_configs(acc_dtypes):
         builds.append(Build(kernel, dtype, tuple(sorted(cx.items()))))
@@ -333,6 +340,8 @@ def num_warps(kernel) -> int:
 
 def num_warps_of(kernel_name: str) -> int:
     """num_warps by the kernel's name."""
+    if kernel_name == "_bwd_input_rows_kernel":
+        return PL.B3_ROWS_WARPS
     return PL.NUM_WARPS if kernel_name in _BIG_PASSES else PL.SMALL_NUM_WARPS
 
 
@@ -343,6 +352,8 @@ def launch_options(kernel, constexprs=None, dtype=torch.float32) -> dict:
         cx = constexprs or {}
         return PL.big_pass_options(bool(cx.get("HID_PARTIAL")), bool(cx.get("K_CONTIG")),
                                    torch.empty(0, dtype=dtype).element_size())
+    if kernel.fn.__name__ == "_bwd_input_rows_kernel":
+        return PL.b3_rows_options()
     if kernel.fn.__name__ == "_spatial_gate_bwd_kernel" and constexprs:
         return PL.psi_bwd_options(constexprs)
     return {"num_warps": PL.SMALL_NUM_WARPS, "maxnreg": PL.SMALL_MAXNREG}

@@ -18,7 +18,8 @@ import struct
 import torch
 import triton.language as tl
 
-from .kernels.backward import _bwd_gate_sums_kernel, _bwd_input_kernel, _bwd_spatial_pool_kernel
+from .kernels.backward import (_bwd_gate_sums_kernel, _bwd_input_kernel, _bwd_input_rows_kernel,
+                               _bwd_spatial_pool_kernel)
 from .kernels.channel_gate import (_channel_gate_bwd_blocks_kernel, _channel_gate_bwd_kernel,
                                    _channel_gate_fwd_blocks_kernel, _channel_gate_fwd_kernel)
 from .kernels.gate_apply import _gate_apply_kernel
@@ -28,7 +29,8 @@ from .kernels.spatial_gate import (_bn_partials_reduce_kernel, _spatial_gate_bwd
 from .kernels.weight_grads import _weight_grads_kernel
 from .launch import jit_launch
 from .plan import (CONV_GRAD_BLOCK, NUM_WARPS, SMALL_MAXNREG, SMALL_NUM_WARPS,
-                   Reduction, acc_dtype, b1_blocks, b2_blocks, big_pass_options, cdiv,
+                   Reduction, acc_dtype, b1_blocks, b2_blocks, b3_rows, b3_rows_options,
+                   big_pass_options, cdiv,
                    channel_split, bn_parts_block, cp_blocks, elementwise_position_groups,
                    loop_stages, position_split, psi_bwd_options, reduction_plan, sm_count,
                    weight_grad_rows, weight_grad_samples)
@@ -376,21 +378,34 @@ def b2_dr_partial(plan, w, bufs):
 
 def bwd_input(g, x, ca, sa, dsmean, dsmax, smax, sidx, scnt, davg, dmx, mx, cidx, ccnt,
               p_contig: bool, amax: bool, dx=None, plan=None, blocks_per_program=None,
-              run=jit_launch):
+              rows=None, run=jit_launch):
     """B3: dx = (g*sa + dsmean/C + dsmax*e_k)*ca + davg/P + dmx*e_j, in g's dtype and layout
     (into `dx` when given).
 
     Without a spatial gate pass sa (and the spatial tensors) as None. `plan`: the block's
-    plan, whose tiles and position groups are used (else computed here, with
-    `blocks_per_program` position blocks per program if given).
+    plan, whose choices are used (else computed here). By rows (plan.b3_rows) where the
+    contiguous axis allows, else by tiles (with `blocks_per_program` position blocks per
+    program if given). rows: force (BLOCK_K, STEPS), or (0, 0) for the tile kernel.
     """
     N, C, H, W = x.shape
     P = H * W
     if dx is None:
         dx = torch.empty_like(g)
-    block_c, block_p, ncb = big_pass_tiles(x, p_contig, plan)
     has_sa = sa is not None
     sp = (sa, dsmean, dsmax, smax, sidx, scnt) if has_sa else (ca, ca, ca, ca, cidx, ccnt)
+    if rows is None:
+        rows = ((plan.b3_block_k, plan.b3_steps) if plan is not None else
+                b3_rows(N, C, P, p_contig, x.dtype, sm_count(x.device)))
+    block_k, steps = rows
+    if block_k:
+        k_blocks = cdiv(P if p_contig else C, block_k)
+        r_groups = cdiv(C if p_contig else P, steps)
+        run(_bwd_input_rows_kernel, (N * k_blocks * r_groups,),
+            (g, x, ca, *sp, davg, dmx, mx, cidx, ccnt, dx, C, P, k_blocks, r_groups),
+            dict(HAS_SA=has_sa, AMAX=amax, P_CONTIG=p_contig, ACC_DTYPE=_tl_acc(x.dtype),
+                 BLOCK_K=block_k, STEPS=steps, **b3_rows_options()))
+        return dx
+    block_c, block_p, ncb = big_pass_tiles(x, p_contig, plan)
     groups, p_per_program = elementwise_groups(x, p_contig, plan, blocks_per_program)
     run(_bwd_input_kernel, (N * ncb * groups,),
         (g, x, ca, *sp, davg, dmx, mx, cidx, ccnt, dx, C, P, ncb, groups, p_per_program),

@@ -47,6 +47,12 @@ CONV_GRAD_BLOCK = 128  # conv-gradient entries summed at once (7x7, two maps, bi
 # keeps at least EW_MIN_PROGRAMS_PER_SM programs per SM (elementwise_position_groups)
 EW_BLOCKS_PER_PROGRAM = 4
 EW_MIN_PROGRAMS_PER_SM = 16
+# B3 by rows (kernels/backward.py _bwd_input_rows_kernel): one warp per program, one
+# 16-byte vector per thread along the contiguous axis, B3_ROWS_STEPS rows of the other axis
+# unrolled (fewer where the launch would give the SMs fewer programs than this many each)
+B3_ROWS_WARPS = 1
+B3_ROWS_STEPS = (8, 2)
+B3_ROWS_MIN_PROGRAMS_PER_SM = 2
 PSI_STENCIL_MIN_POSITIONS = 128  # own positions of a spatial-map program from which its
                                 # convs are stencils (psi_conv, psi_bwd_conv)
 PSI_BWD_STENCIL_MAX_Q = 1024  # most positions of a backward stencil program (one step)
@@ -56,6 +62,11 @@ BN_PARTS_BLOCK = 256  # BatchNorm partial rows combined at once (one row per psi
                       # half for fp64, which spills in F3 on sm_80 otherwise)
 
 INTERPRETER_SM_COUNT = int(os.environ.get("CBAM_FUSED_SM_COUNT", "1"))
+
+
+def b3_rows_options() -> dict:
+    """Launch options of B3 by rows (launchers.py; aot.py builds with the same)."""
+    return {"num_warps": B3_ROWS_WARPS}
 
 
 def big_pass_options(partial_rows: bool = False, k_contig: bool = False,
@@ -193,6 +204,22 @@ def elementwise_position_groups(N: int, C: int, P: int, p_contig: bool, dtype, s
     return cdiv(P, per_program), per_program
 
 
+def b3_rows(N: int, C: int, P: int, p_contig: bool, dtype, sms: int):
+    """(BLOCK_K, STEPS) of B3 by rows, or (0, 0) for the tile kernel: by rows where the
+    contiguous axis (H*W in NCHW, C in channels_last) is a multiple of 16 elements (so
+    every row starts 16-byte aligned and Triton's divisibility specialization says so) and
+    at least a warp of 16-byte vectors wide."""
+    K, R = (P, C) if p_contig else (C, P)
+    block_k = B3_ROWS_WARPS * 32 * (16 // torch.empty(0, dtype=dtype).element_size())
+    if K % 16 or K < block_k:
+        return 0, 0
+    programs = N * cdiv(K, block_k)
+    steps = next((s for s in B3_ROWS_STEPS
+                  if programs * cdiv(R, s) >= B3_ROWS_MIN_PROGRAMS_PER_SM * sms),
+                 B3_ROWS_STEPS[-1])
+    return block_k, steps
+
+
 def loop_stages(per_split: int, block: int) -> int:
     """Software-pipelining depth of a big pass's loop over per_split elements in steps of
     `block`: kernels/plane.py STAGES when the loop has at least that many steps, else 1
@@ -267,6 +294,8 @@ class BlockPlan:
     b2_p_per_split: int
     ew_groups: int       # F3, B3: position groups (programs per sample and channel block)
     ew_p_per_program: int
+    b3_block_k: int      # B3 by rows (b3_rows): its block of the contiguous axis (0: B3
+    b3_steps: int        # by tiles, with F3's tiles and groups) and rows per program
     phi_block_c: int
     phi_block_h: int
     phi_bwd_block_c: int
@@ -609,6 +638,7 @@ def block_plan(N: int, C: int, H: int, W: int, hidden: int, two_layers: bool, sp
     b1_splits, b1_c_per_split = channel_split(N, C, P, p_contig, dtype, sms)
     b2_splits, b2_p_per_split = position_split(N, C, P, p_contig, dtype, sms)
     ew_groups, ew_p_per_program = elementwise_position_groups(N, C, P, p_contig, dtype, sms)
+    b3_block_k, b3_steps = b3_rows(N, C, P, p_contig, dtype, sms)
 
     bwd_block_cs = merge_block(b1_splits)
     psi_block = psi_block_p(max(f2.block_s, bwd_block_cs), dtype)
@@ -629,7 +659,7 @@ def block_plan(N: int, C: int, H: int, W: int, hidden: int, two_layers: bool, sp
                      p_contig, dtype, f1, f2, block_c, block_p,
                      c_blocks, b1_block_c, b1_block_p, b1_p_blocks, b1_splits,
                      b1_c_per_split, b2_splits, b2_p_per_split,
-                     ew_groups, ew_p_per_program, phi_block_c, phi_block_h, phi_bwd_block_c,
+                     ew_groups, ew_p_per_program, b3_block_k, b3_steps, phi_block_c, phi_block_h, phi_bwd_block_c,
                      psi_block, rows, cdiv(H, rows),
                      bwd_block_pb,
                      bwd_block_cs, min(8, merge_block(b2_splits)), tiles1, tiles2,

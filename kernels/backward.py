@@ -13,8 +13,10 @@ avg/mx the channel pools of x over p (argmax j[c]).
         dx = (g*sa + dsmean/C + dsmax*e_k)*ca + davg/P + dmx*e_j
 
 e_k / e_j are one-hot at the first argmax (torch.max semantics), or, with AMAX,
-1/count on every tied maximum (torch.amax semantics). B3 reads x only at
-positions whose max is tied; elsewhere the stored argmax decides.
+1/count on every tied maximum (torch.amax semantics). B3 reads x only near tied
+maxima (the rows, or the elements, that hold one: docs/design.md section 8); elsewhere the
+stored argmax decides. B3 runs by rows where the contiguous axis is a multiple of 16
+elements and a warp wide (_bwd_input_rows_kernel, plan.b3_rows), else by tiles.
 """
 import triton
 import triton.language as tl
@@ -166,44 +168,63 @@ def _bwd_spatial_pool_kernel(
 
 
 @triton.jit
+def _bwd_maxima(idx_ptr, cnt_ptr, max_ptr, mean_grad_ptr, max_grad_ptr, row, mask, inv_len,
+                shift, AMAX: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """What B3 adds for one pooled row (a channel's avg/max over positions, or a position's
+    mean/max over channels) at `row`: (lo, hi, idx, mx, tied).
+
+    lo = dL/dmean / length, added to every element; hi = lo + dL/dmax / count, added
+    instead at the maxima. idx - shift: the one maximum where it is untied (-1 where tied);
+    mx (AMAX): the maximum where it is tied, NaN where not, so that `value == mx` finds the
+    tied maxima and nothing else (also where x was not read and is 0)."""
+    lo = tl.load(mean_grad_ptr + row, mask=mask, other=0.0) * inv_len
+    d = tl.load(max_grad_ptr + row, mask=mask, other=0.0)
+    idx = tl.load(idx_ptr + row, mask=mask, other=-1) - shift
+    mx = lo
+    tied = False
+    if AMAX:
+        cnt = tl.load(cnt_ptr + row, mask=mask, other=1)
+        tied = cnt > 1
+        d = d / cnt.to(ACC_DTYPE)
+        idx = tl.where(tied, -1, idx)
+        mx = tl.where(tied, tl.load(max_ptr + row, mask=mask, other=0.0), float("nan"))
+    return lo, lo + d, idx, mx, tied
+
+
+@triton.jit
 def _bwd_input_tile(
     g_ptr, x_ptr, sa_ptr, dsmean_ptr, dsmax_ptr, smax_ptr, sidx_ptr, scnt_ptr, dx_ptr,
-    n, C, P, p0, p_end, offs_c, mask_c, ca, davg, dmx, mx, cidx, ccnt, inv_c, inv_p,
+    n, C, P, p0, p_end, offs_c, mask_c, ca, c_lo, c_hi, c_idx, c_max, c_tied, inv_c,
     HAS_SA: tl.constexpr, AMAX: tl.constexpr, P_CONTIG: tl.constexpr,
     ACC_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """dx of one tile: the channel block of offs_c (rows ca ... ccnt, read by the caller)
-    and the positions p0 .. p0 + BLOCK_P (before p_end)."""
+    """dx of one tile: the channel block of offs_c (its gate ca and its _bwd_maxima rows,
+    read by the caller) and the positions p0 .. p0 + BLOCK_P (before p_end)."""
     offs_p, mask_p, mask, plane, prow = _plane_tile(n, C, P, p0, p_end, offs_c, mask_c,
                                                     P_CONTIG, BLOCK_P)
     g = tl.load(g_ptr + plane, mask=mask, other=0.0).to(ACC_DTYPE)
+    if HAS_SA:
+        sa = tl.load(sa_ptr + prow, mask=mask_p, other=0.0)
+        s_lo, s_hi, s_idx, s_max, s_tied = _bwd_maxima(sidx_ptr, scnt_ptr, smax_ptr, dsmean_ptr,
+                                                       dsmax_ptr, prow, mask_p, inv_c, 0,
+                                                       AMAX, ACC_DTYPE)
     if AMAX:
-        need_x = ccnt[:, None] > 1
+        need_x = c_tied[:, None]
         if HAS_SA:
-            scnt = tl.load(scnt_ptr + prow, mask=mask_p, other=1)
-            need_x = need_x | (scnt[None, :] > 1)
+            need_x = need_x | s_tied[None, :]
         # Masked-off lanes issue no memory traffic: x is read only at ties.
         x = tl.load(x_ptr + plane, mask=mask & need_x, other=0.0).to(ACC_DTYPE)
     if HAS_SA:
-        sa = tl.load(sa_ptr + prow, mask=mask_p, other=0.0)
-        dsm = tl.load(dsmean_ptr + prow, mask=mask_p, other=0.0)
-        dsx = tl.load(dsmax_ptr + prow, mask=mask_p, other=0.0)
-        sidx = tl.load(sidx_ptr + prow, mask=mask_p, other=-1)
-        ek = tl.where(offs_c[:, None] == sidx[None, :], 1.0, 0.0)
+        at_max = offs_c[:, None] == s_idx[None, :]
         if AMAX:
-            smax = tl.load(smax_ptr + prow, mask=mask_p, other=0.0)
-            tied = scnt[None, :] > 1
-            hit = (x * ca[:, None]) == smax[None, :]
-            ek = tl.where(tied, tl.where(hit, 1.0 / scnt.to(ACC_DTYPE)[None, :], 0.0), ek)
-        dy = g * sa[None, :] + (dsm * inv_c)[None, :] + dsx[None, :] * ek
+            at_max = at_max | (x * ca[:, None] == s_max[None, :])
+        dy = g * sa[None, :] + tl.where(at_max, s_hi[None, :], s_lo[None, :])
     else:
         dy = g
-    ej = tl.where(offs_p[None, :] == cidx[:, None], 1.0, 0.0)
+    at_max = offs_p[None, :] == c_idx[:, None]
     if AMAX:
-        tied_c = ccnt[:, None] > 1
-        ej = tl.where(tied_c, tl.where(x == mx[:, None], 1.0 / ccnt.to(ACC_DTYPE)[:, None], 0.0),
-                      ej)
-    dx = dy * ca[:, None] + (davg * inv_p)[:, None] + dmx[:, None] * ej
+        at_max = at_max | (x == c_max[:, None])
+    dx = dy * ca[:, None] + tl.where(at_max, c_hi[:, None], c_lo[:, None])
     tl.store(dx_ptr + plane, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -248,23 +269,136 @@ def _bwd_input_kernel(
     mask_c = offs_c < C
     crow = n.to(tl.int64) * C + offs_c
     ca = tl.load(ca_ptr + crow, mask=mask_c, other=0.0)
-    davg = tl.load(davg_ptr + crow, mask=mask_c, other=0.0)
-    dmx = tl.load(dmx_ptr + crow, mask=mask_c, other=0.0)
-    cidx = tl.load(cidx_ptr + crow, mask=mask_c, other=-1)
-    ccnt = cidx
-    mx = ca
-    if AMAX:
-        ccnt = tl.load(ccnt_ptr + crow, mask=mask_c, other=1)
-        mx = tl.load(mx_ptr + crow, mask=mask_c, other=0.0)
+    c_lo, c_hi, c_idx, c_max, c_tied = _bwd_maxima(cidx_ptr, ccnt_ptr, mx_ptr, davg_ptr, dmx_ptr,
+                                                   crow, mask_c, inv_p, 0, AMAX, ACC_DTYPE)
     p_start = pg * p_per_program
     p_end = tl.minimum(p_start + p_per_program, P)
     if LOOP:
         for p0 in tl.range(p_start, p_end, BLOCK_P, num_stages=STAGES):
             _bwd_input_tile(g_ptr, x_ptr, sa_ptr, dsmean_ptr, dsmax_ptr, smax_ptr, sidx_ptr,
-                            scnt_ptr, dx_ptr, n, C, P, p0, p_end, offs_c, mask_c, ca, davg, dmx,
-                            mx, cidx, ccnt, inv_c, inv_p, HAS_SA, AMAX, P_CONTIG, ACC_DTYPE,
-                            BLOCK_P)
+                            scnt_ptr, dx_ptr, n, C, P, p0, p_end, offs_c, mask_c, ca, c_lo,
+                            c_hi, c_idx, c_max, c_tied, inv_c, HAS_SA, AMAX, P_CONTIG,
+                            ACC_DTYPE, BLOCK_P)
     else:
         _bwd_input_tile(g_ptr, x_ptr, sa_ptr, dsmean_ptr, dsmax_ptr, smax_ptr, sidx_ptr,
-                        scnt_ptr, dx_ptr, n, C, P, p_start, p_end, offs_c, mask_c, ca, davg, dmx,
-                        mx, cidx, ccnt, inv_c, inv_p, HAS_SA, AMAX, P_CONTIG, ACC_DTYPE, BLOCK_P)
+                        scnt_ptr, dx_ptr, n, C, P, p_start, p_end, offs_c, mask_c, ca, c_lo, c_hi,
+                        c_idx, c_max, c_tied, inv_c, HAS_SA, AMAX, P_CONTIG, ACC_DTYPE, BLOCK_P)
+
+
+@triton.jit
+def _bwd_input_rows_kernel(
+    g_ptr,       # [N, C x P plane], input dtype
+    x_ptr,       # [N, C x P plane], input dtype (read only near tied maxima, AMAX)
+    ca_ptr,      # [N, C] ACC_DTYPE
+    sa_ptr,      # [N, P] ACC_DTYPE (HAS_SA)
+    dsmean_ptr,  # [N, P] ACC_DTYPE (HAS_SA)
+    dsmax_ptr,   # [N, P] ACC_DTYPE (HAS_SA)
+    smax_ptr,    # [N, P] ACC_DTYPE (HAS_SA and AMAX)
+    sidx_ptr,    # [N, P] int32     (HAS_SA)
+    scnt_ptr,    # [N, P] int32     (HAS_SA and AMAX)
+    davg_ptr,    # [N, C] ACC_DTYPE dL/davg
+    dmx_ptr,     # [N, C] ACC_DTYPE dL/dmx
+    mx_ptr,      # [N, C] ACC_DTYPE channel max of x (AMAX)
+    cidx_ptr,    # [N, C] int32     first position reaching it
+    ccnt_ptr,    # [N, C] int32     number of positions reaching it (AMAX)
+    dx_ptr,      # [N, C x P plane], input dtype, same layout as g
+    C, P, num_k_blocks, num_r_groups,
+    HAS_SA: tl.constexpr,
+    AMAX: tl.constexpr,
+    P_CONTIG: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    STEPS: tl.constexpr,
+):
+    """B3 by rows: dx = (g*sa + dsmean/C + dsmax*e_k)*ca + davg/P + dmx*e_j
+
+    The plane is walked along its contiguous axis K (positions in NCHW, channels in
+    channels_last) in blocks of BLOCK_K, one 16-byte vector per thread, and across the
+    other axis R in STEPS rows per program, unrolled so that every row's loads are in
+    flight at once. What belongs to the block's K entries (their gate, pooled gradients and
+    maxima) is read once per program; what belongs to a row is one value per step, the
+    same in every lane. No tile, so no layout conversion between the two.
+
+    A maximum adds hi instead of lo (_bwd_maxima): at its index where untied, and where
+    tied (AMAX) at every element equal to it, which needs x: read for a whole row when
+    the row's own maximum is tied, and in NCHW for every row when any position of the
+    block has a tied spatial maximum (in channels_last per element where the channel's
+    maximum is tied). Elsewhere x is not read."""
+    pid = tl.program_id(0)
+    inv_c = 1.0 / tl.cast(C, ACC_DTYPE)  # one division per program, not per element
+    inv_p = 1.0 / tl.cast(P, ACC_DTYPE)
+    kb = pid % num_k_blocks  # K blocks fastest: neighbouring programs, neighbouring memory
+    rg = (pid // num_k_blocks) % num_r_groups
+    n = pid // (num_k_blocks * num_r_groups)
+    if P_CONTIG:
+        K = P
+        R = C
+    else:
+        K = C
+        R = P
+    offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    krow = n.to(tl.int64) * K + offs_k
+    r_start = rg * STEPS
+    rrow = n.to(tl.int64) * R + r_start
+    need_x_k = False
+    if P_CONTIG:
+        if HAS_SA:
+            sa_k = tl.load(sa_ptr + krow, mask=mask_k, other=0.0)
+            s_lo, s_hi, s_idx, s_max, s_tied = _bwd_maxima(sidx_ptr, scnt_ptr, smax_ptr, dsmean_ptr,
+                                                   dsmax_ptr, krow, mask_k, inv_c, r_start,
+                                                   AMAX, ACC_DTYPE)
+            if AMAX:
+                need_x_k = tl.max(tl.load(scnt_ptr + krow, mask=mask_k, other=1), axis=0) > 1
+    else:
+        ca_k = tl.load(ca_ptr + krow, mask=mask_k, other=0.0)
+        c_lo, c_hi, c_idx, c_max, c_tied = _bwd_maxima(cidx_ptr, ccnt_ptr, mx_ptr, davg_ptr, dmx_ptr,
+                                               krow, mask_k, inv_p, r_start, AMAX, ACC_DTYPE)
+        if AMAX:
+            need_x_k = c_tied
+    plane = n.to(tl.int64) * C * P + r_start.to(tl.int64) * K + offs_k
+    for i in tl.static_range(STEPS):
+        valid = r_start + i < R
+        m = mask_k & valid
+        off = plane + i * K
+        row = rrow + i  # int64: this row's entry in the [N, R] rows
+        g = tl.load(g_ptr + off, mask=m, other=0.0).to(ACC_DTYPE)
+        need_x = need_x_k
+        if P_CONTIG:  # row = channel r_start + i
+            ca = tl.load(ca_ptr + row, mask=valid, other=0.0)
+            c_lo, c_hi, c_idx, c_max, c_tied = _bwd_maxima(cidx_ptr, ccnt_ptr, mx_ptr, davg_ptr,
+                                                   dmx_ptr, row, valid, inv_p, 0,
+                                                   AMAX, ACC_DTYPE)
+            if AMAX:
+                need_x = need_x | c_tied
+            c_pos = offs_k
+            s_pos = i
+        else:  # row = position r_start + i
+            ca = ca_k
+            if HAS_SA:
+                sa = tl.load(sa_ptr + row, mask=valid, other=0.0)
+                s_lo, s_hi, s_idx, s_max, s_tied = _bwd_maxima(sidx_ptr, scnt_ptr, smax_ptr,
+                                                       dsmean_ptr, dsmax_ptr, row, valid,
+                                                       inv_c, 0, AMAX, ACC_DTYPE)
+                if AMAX:
+                    need_x = need_x | s_tied
+            c_pos = i
+            s_pos = offs_k
+        if AMAX:
+            x = tl.load(x_ptr + off, mask=m & need_x, other=0.0).to(ACC_DTYPE)
+        if HAS_SA:
+            if P_CONTIG:
+                sa = sa_k
+            else:
+                sa_k = sa
+            at_max = s_idx == s_pos
+            if AMAX:
+                at_max = at_max | (x * ca == s_max)
+            dy = g * sa + tl.where(at_max, s_hi, s_lo)
+        else:
+            dy = g
+        at_max = c_idx == c_pos
+        if AMAX:
+            at_max = at_max | (x == c_max)
+        dx = dy * ca + tl.where(at_max, c_hi, c_lo)
+        tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=m)

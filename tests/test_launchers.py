@@ -110,13 +110,23 @@ def test_bwd_gate_sums(splits, layout, has_sa, device):
         assert gs is None
 
 
+# B3's two kernels (plan.b3_rows): by tiles where the contiguous axis is 19 or 143 wide;
+# by rows (16-byte rows: a multiple of 16 wide) with 8 and with 2 rows per program, over
+# two blocks of the contiguous axis (160 = 128 + 32 positions in NCHW, 144 = 128 + 16
+# channels in channels_last) and a short last group of rows (144 channels in NCHW, 160
+# positions in channels_last, neither a multiple of 8 ... 19 and 143 are not either).
+B3_PATHS = {"tiles": ((2, 19, 13, 11), (0, 0)), "rows8": ((2, 144, 16, 10), (128, 8)),
+            "rows2": ((2, 144, 16, 10), (128, 2))}
+
+
 @pytest.mark.parametrize("amax", [False, True])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("splits", [1, 3])
-def test_bwd_spatial_pool_and_input(amax, layout, splits, device):
-    """B2 with `splits` position splits; B3 with `splits` position blocks per program (NCHW:
-    both blocks in one program; channels_last: 3 + 2 blocks, a loop and a short last one)."""
-    N, C, H, W = 2, 19, 13, 11   # H*W = 143: two position blocks in NCHW, five in channels_last
+@pytest.mark.parametrize("b3,splits", [("tiles", 1), ("tiles", 3), ("rows8", 1), ("rows2", 1)])
+def test_bwd_spatial_pool_and_input(amax, layout, splits, b3, device):
+    """B2 with `splits` position splits; B3 by tiles with `splits` position blocks per
+    program (NCHW: both blocks in one program; channels_last: 3 + 2 blocks, a loop and a
+    short last one), or by rows (B3_PATHS)."""
+    (N, C, H, W), rows = B3_PATHS[b3]
     P = H * W
     p_contig = layout == "nchw"
     x = torch.randn(N, C, H, W, device=device)
@@ -151,7 +161,7 @@ def test_bwd_spatial_pool_and_input(amax, layout, splits, device):
     assert gc2.shape[1] == (1 if splits == 1 else (2 if p_contig else 3))
     assert_close(gc2.double().sum(1), gc2_ref, torch.float32, P, "Gc2")
     dx = L.bwd_input(g, x, ca, sa, dsmean, dsmax, smax, sidx, scnt, davg, dmx, cmax, cidx, ccnt,
-                     p_contig, amax, blocks_per_program=splits)
+                     p_contig, amax, blocks_per_program=splits, rows=rows)
     assert dx.is_contiguous(memory_format=torch.contiguous_format if p_contig else torch.channels_last)
     assert_close(dx.reshape(N, C, P), ref_dx, torch.float32, C, "dx")
 
