@@ -110,18 +110,20 @@ def test_bwd_gate_sums(splits, layout, has_sa, device):
         assert gs is None
 
 
-# B3's two kernels (plan.b3_rows): by tiles where the contiguous axis is 19 or 143 wide;
-# by rows (16-byte rows: a multiple of 16 wide) with 8 and with 2 rows per program, over
-# two blocks of the contiguous axis (160 = 128 + 32 positions in NCHW, 144 = 128 + 16
-# channels in channels_last) and a short last group of rows (144 channels in NCHW, 160
-# positions in channels_last, neither a multiple of 8 ... 19 and 143 are not either).
+# B3's two kernels (plan.b3_rows): by tiles; by rows with 8 and with 2 rows per program,
+# over two blocks of the contiguous axis (160 = 128 + 32 positions in NCHW, 144 = 128 + 16
+# channels in channels_last: 16-byte aligned rows) and a short last group of rows (144
+# channels in NCHW, 160 positions in channels_last: not multiples of 8); by rows over a
+# narrow axis whose rows are not 16-byte aligned (49 of 64 lanes: a 7x7 map in NCHW, 49
+# channels in channels_last).
 B3_PATHS = {"tiles": ((2, 19, 13, 11), (0, 0)), "rows8": ((2, 144, 16, 10), (128, 8)),
-            "rows2": ((2, 144, 16, 10), (128, 2))}
+            "rows2": ((2, 144, 16, 10), (128, 2)), "rows_narrow": ((2, 49, 7, 7), (64, 8))}
 
 
 @pytest.mark.parametrize("amax", [False, True])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("b3,splits", [("tiles", 1), ("tiles", 3), ("rows8", 1), ("rows2", 1)])
+@pytest.mark.parametrize("b3,splits", [("tiles", 1), ("tiles", 3), ("rows8", 1), ("rows2", 1),
+                                       ("rows_narrow", 1)])
 def test_bwd_spatial_pool_and_input(amax, layout, splits, b3, device):
     """B2 with `splits` position splits; B3 by tiles with `splits` position blocks per
     program (NCHW: both blocks in one program; channels_last: 3 + 2 blocks, a loop and a
