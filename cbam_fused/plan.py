@@ -119,12 +119,14 @@ def cp_blocks(C: int, P: int, p_contig: bool, dtype):
     return (other, contig) if p_contig else (contig, other)
 
 
-def _split_axis(extent: int, block: int, other_programs: int, sms: int, splits, cap: int):
+def _split_axis(extent: int, block: int, other_programs: int, sms: int, splits, cap: int,
+                fill: bool = False):
     """(splits, elements per split) of an axis of `extent` elements in blocks of `block`,
-    reduced by programs that also span other_programs programs on the other axes."""
+    reduced by programs that also span other_programs programs on the other axes (fill:
+    splits_for's)."""
     blocks = cdiv(extent, block)
     if splits is None:
-        splits = splits_for(other_programs, blocks, sms)
+        splits = splits_for(other_programs, blocks, sms, fill)
     splits = max(1, min(splits, blocks, cap))
     per_split = cdiv(blocks, splits) * block
     return cdiv(extent, per_split), per_split
@@ -142,10 +144,10 @@ def b1_blocks(C: int, P: int, p_contig: bool, dtype):
 
 
 def channel_split(N: int, C: int, P: int, p_contig: bool, dtype, sms: int, splits=None):
-    """(splits, channels per split) of B1's channel axis: splits_for's programs per SM, or
-    the requested number of splits, in whole channel blocks."""
+    """(splits, channels per split) of B1's channel axis: splits_for's programs per SM
+    (filling a wave), or the requested number of splits, in whole channel blocks."""
     block_c, block_p = b1_blocks(C, P, p_contig, dtype)
-    return _split_axis(C, block_c, N * cdiv(P, block_p), sms, splits, C)
+    return _split_axis(C, block_c, N * cdiv(P, block_p), sms, splits, C, fill=True)
 
 
 def narrowest_tile(contig: int, other: int, rows: int, N: int, sms: int):
@@ -229,13 +231,18 @@ def loop_stages(per_split: int, block: int) -> int:
     return STAGES.value if cdiv(per_split, block) >= STAGES.value else 1
 
 
-def splits_for(base_programs: int, blocks: int, sms: int) -> int:
+def splits_for(base_programs: int, blocks: int, sms: int, fill: bool = False) -> int:
     """Splits of a reduced axis of `blocks` tiles when a launch of base_programs programs
-    would leave fewer than two programs per SM: then about BIG_PASS_PROGRAMS_PER_SM
-    programs per SM, in one wave (a program keeps one tile load in flight per round trip,
-    so an SM needs several to cover DRAM latency)."""
+    would leave fewer than two programs per SM (fill: fewer than BIG_PASS_PROGRAMS_PER_SM):
+    then about BIG_PASS_PROGRAMS_PER_SM programs per SM, in one wave (a program keeps one
+    tile load in flight per round trip, so an SM needs several to cover DRAM latency).
+    F2 and B1 fill (their partial rows go to the spatial maps, which merge them in any
+    case); F1 and B2 split only below two per SM, because their unsplit launch can start
+    the channel map (channel_map_blocks): at 64x512x28x28 NCHW, F2's 448 programs (3.4
+    per SM) walked 512 channels in 64 serial steps (desk model 30.1 us, 21.0 in 2 splits),
+    B1's 31.9 us (26.7)."""
     want = BIG_PASS_PROGRAMS_PER_SM * sms
-    if base_programs >= 2 * sms:
+    if base_programs >= (want if fill else 2 * sms):
         return 1
     return max(1, min(want // base_programs, blocks, MAX_SPLITS))
 
@@ -258,15 +265,15 @@ class Reduction:
         return loop_stages(self.k_per_split, self.block_k)
 
 
-def reduction_plan(N, R, K, k_contig, dtype, sms, splits=None) -> Reduction:
+def reduction_plan(N, R, K, k_contig, dtype, sms, splits=None, fill=False) -> Reduction:
     """F1/F2's tile and splits: tile_config's tile, narrowed where the reduced axis K is
-    the contiguous one (narrowest_tile)."""
+    the contiguous one (narrowest_tile); fill: splits_for's."""
     contig, other = tile_config(K if k_contig else R, dtype)
     if k_contig:
         contig, other = narrowest_tile(contig, other, R, N, sms)
     block_k, block_r = (contig, other) if k_contig else (other, contig)
     r_blocks = cdiv(R, block_r)
-    splits, k_per_split = _split_axis(K, block_k, N * r_blocks, sms, splits, MAX_SPLITS)
+    splits, k_per_split = _split_axis(K, block_k, N * r_blocks, sms, splits, MAX_SPLITS, fill)
     return Reduction(block_r, block_k, r_blocks, splits, k_per_split)
 
 
@@ -632,7 +639,7 @@ def block_plan(N: int, C: int, H: int, W: int, hidden: int, two_layers: bool, sp
         f1.r_blocks * 2 * hidden, C, P, f1.splits, cdiv(P, f1.block_k), cdiv(C, phi_block_c))
     if phi_blocks and f1.splits > 1:
         f1 = reduction_plan(N, C, P, p_contig, dtype, sms, splits=1)
-    f2 = reduction_plan(N, P, C, not p_contig, dtype, sms)
+    f2 = reduction_plan(N, P, C, not p_contig, dtype, sms, fill=True)
     block_c, block_p = cp_blocks(C, P, p_contig, dtype)
     c_blocks = cdiv(C, block_c)
     b1_block_c, b1_block_p = b1_blocks(C, P, p_contig, dtype)
