@@ -14,12 +14,14 @@ parameter's own dtype and layout:
 b runs over the MLP branches (avg and max for POOL 0, one branch otherwise). Programs
 [0, T1) own tiles of dW1, [T1, T1 + T2) tiles of dW2, and the last one the conv and
 BatchNorm gradients. Each program reads BLOCK_N samples' rows per step, so a step is one
-memory round trip for all of them (a loop over single samples waits on N trips in series).
+memory round trip for all of them (a loop over single samples waits on N trips in series),
+and the loop over steps is software-pipelined (the next steps' rows in flight).
 """
 import triton
 import triton.language as tl
 
 from .channel_gate import _mlp_inputs, _relu
+from .plane import STAGES
 
 
 @triton.jit
@@ -78,7 +80,7 @@ def _weight_grads_kernel(
         mask_k = offs_k < C
         acc = tl.zeros([BLOCK_R, BLOCK_K], ACC_DTYPE)
         bacc = tl.zeros([BLOCK_R], ACC_DTYPE)
-        for n0 in range(0, N, BLOCK_N):
+        for n0 in tl.range(0, N, BLOCK_N, num_stages=STAGES):
             avg = _sample_rows(avg_ptr, n0, N, C, offs_k, mask_k, BLOCK_N)
             mx = _sample_rows(mx_ptr, n0, N, C, offs_k, mask_k, BLOCK_N)
             v_a, v_m = _mlp_inputs(avg, mx, POOL)
@@ -110,7 +112,7 @@ def _weight_grads_kernel(
         mask_k = offs_k < HID
         acc = tl.zeros([BLOCK_R, BLOCK_K], ACC_DTYPE)
         bacc = tl.zeros([BLOCK_R], ACC_DTYPE)
-        for n0 in range(0, N, BLOCK_N):
+        for n0 in tl.range(0, N, BLOCK_N, num_stages=STAGES):
             d = _sample_rows(dlog_ptr, n0, N, C, offs_r, mask_r, BLOCK_N)
             r = _relu(_sample_rows(h_ptr, n0, N, 2 * HID, offs_k, mask_k, BLOCK_N))
             if POOL == 0:

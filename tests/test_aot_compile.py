@@ -25,7 +25,8 @@ PIPELINED_KERNELS = ("_channel_gate_fwd_kernel", "_channel_gate_fwd_blocks_kerne
                      "_channel_gate_bwd_blocks_kernel", "_channel_gate_bwd_kernel",
                      "_pool_stats_kernel",
                      "_bwd_gate_sums_kernel", "_bwd_spatial_pool_kernel",
-                     "_spatial_gate_fwd_kernel", "_bwd_input_kernel", "_gate_apply_kernel")
+                     "_spatial_gate_fwd_kernel", "_bwd_input_kernel", "_gate_apply_kernel",
+                     "_weight_grads_kernel")
 B3_KERNELS = ("_bwd_input_kernel", "_bwd_input_rows_kernel")
 BIG_TENSOR_KERNELS = ("_pool_stats_kernel", "_gate_apply_kernel", "_bwd_gate_sums_kernel",
                       "_bwd_spatial_pool_kernel")
