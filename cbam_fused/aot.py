@@ -357,7 +357,7 @@ def launch_options(kernel, constexprs=None, dtype=torch.float32) -> dict:
     if kernel.fn.__name__ == "_bwd_input_rows_kernel":
         return PL.b3_rows_options()
     if kernel.fn.__name__ == "_spatial_gate_bwd_kernel" and constexprs:
-        return PL.psi_bwd_options(constexprs)
+        return PL.psi_bwd_options(constexprs, constexprs["BN_MODE"])
     return {"num_warps": PL.SMALL_NUM_WARPS, "maxnreg": PL.SMALL_MAXNREG}
 
 

@@ -439,7 +439,7 @@ def spatial_gate_bwd(plan, f: Flags, w, saved, bufs, sums, num_parts: int, run=j
         dict(POOL_ORDER=f.pool_order, KSIZE=f.kernel_size, BN_MODE=f.bn_mode,
              HAS_BN_W=f.has_bn_w, ACC_DTYPE=_tl_acc(plan.dtype),
              BLOCK_PARTS=bn_parts_block(plan.dtype),
-             **conv, **psi_bwd_options(conv)))
+             **conv, **psi_bwd_options(conv, f.bn_mode)))
 
 
 def channel_gate_bwd(plan, f: Flags, w, saved, bufs, run=jit_launch):

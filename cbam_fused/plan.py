@@ -58,6 +58,8 @@ PSI_STENCIL_MIN_POSITIONS = 128  # own positions of a spatial-map program from w
 PSI_BWD_STENCIL_MAX_Q = 1024  # most positions of a backward stencil program (one step)
 PSI_BWD_STENCIL_MIN_Q = 256   # its fewest (4 warps): programs of 128 to 256 positions
 PSI_BWD_STENCIL_PER_THREAD = 2  # its positions per thread (a warp per 64 positions)
+PSI_BWD_WIDE_WARPS = 16         # ... from this many warps (1024 positions) without batch
+PSI_BWD_WIDE_MAXNREG = 64       # statistics: this register budget (2 programs per SM)
 BN_PARTS_BLOCK = 256  # BatchNorm partial rows combined at once (one row per psi program;
                       # half for fp64, which spills in F3 on sm_80 otherwise)
 
@@ -603,10 +605,15 @@ def psi_bwd_conv(kernel_size: int, dtype, own_positions: int) -> dict:
                 GRAD_ROWS=block_q // (32 * PSI_BWD_STENCIL_PER_THREAD) if stencil else 1)
 
 
-def psi_bwd_options(conv: dict) -> dict:
-    """Launch options of the backward spatial map with its conv constexprs (psi_bwd_conv):
-    the stencil takes a warp per position group (GRAD_ROWS), PSI_BWD_STENCIL_PER_THREAD
-    positions per thread; the gathers, the small maps' warps."""
+def psi_bwd_options(conv: dict, bn_mode: int) -> dict:
+    """Launch options of the backward spatial map with its conv constexprs (psi_bwd_conv)
+    and BatchNorm mode: the stencil takes a warp per position group (GRAD_ROWS),
+    PSI_BWD_STENCIL_PER_THREAD positions per thread; the gathers, the small maps' warps.
+    A stencil of PSI_BWD_WIDE_WARPS warps or more without batch statistics fits
+    PSI_BWD_WIDE_MAXNREG registers, so two programs share an SM (with batch statistics
+    its builds spill there)."""
+    if conv["STENCIL"] and conv["GRAD_ROWS"] >= PSI_BWD_WIDE_WARPS and bn_mode != 2:
+        return dict(num_warps=conv["GRAD_ROWS"], maxnreg=PSI_BWD_WIDE_MAXNREG)
     return dict(num_warps=conv["GRAD_ROWS"] if conv["STENCIL"] else SMALL_NUM_WARPS,
                 maxnreg=SMALL_MAXNREG)
 
