@@ -141,17 +141,20 @@ def _bwd_spatial_pool_kernel(
         mask = mask_c[:, None] & mask_p[None, :]
         x = tl.load(x_ptr + base + _plane_offsets(offs_c, offs_p, C, P, P_CONTIG),
                     mask=mask, other=0.0).to(ACC_DTYPE)
-        dsm = tl.load(dsmean_ptr + row + offs_p, mask=mask_p, other=0.0)
+        # per position: the weight of x off the spatial max (lo) and at it (hi); x is 0
+        # outside the tile's mask, and so is its product
+        lo = tl.load(dsmean_ptr + row + offs_p, mask=mask_p, other=0.0) * inv_c
         dsx = tl.load(dsmax_ptr + row + offs_p, mask=mask_p, other=0.0)
         if AMAX:
             smax = tl.load(smax_ptr + row + offs_p, mask=mask_p, other=0.0)
             scnt = tl.load(scnt_ptr + row + offs_p, mask=mask_p, other=1).to(ACC_DTYPE)
-            hit = (x * ca[:, None]) == smax[None, :]
-            ek = tl.where(hit, 1.0 / scnt[None, :], 0.0)
+            at_max = (x * ca[:, None]) == smax[None, :]
+            hi = lo + dsx / scnt
         else:
             sidx = tl.load(sidx_ptr + row + offs_p, mask=mask_p, other=-1)
-            ek = tl.where(offs_c[:, None] == sidx[None, :], 1.0, 0.0)
-        acc += tl.where(mask, x * (dsm[None, :] * inv_c + dsx[None, :] * ek), 0.0)
+            at_max = offs_c[:, None] == sidx[None, :]
+            hi = lo + dsx
+        acc += x * tl.where(at_max, hi[None, :], lo[None, :])
     gc2 = tl.sum(acc, 1)
     if DR_PARTIAL:
         if not AMAX:
