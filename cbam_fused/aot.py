@@ -319,8 +319,7 @@ def launch_configs(dtypes=DTYPES):
                         NUM_STAGES=st, BLOCK_PB=block_pb, BLOCK_H=block_h, HID_LOOP=loop, **blk)
         # B3 by rows (plan.b3_rows: a warp of 16-byte vectors, or a narrower power of 2
         # down to 32; each step count)
-        widest = PL.B3_ROWS_WARPS * 32 * (16 // torch.empty(0, dtype=dtype).element_size())
-        widths = [w for w in (32, 64, 128, 256, 512) if w <= widest]
+        widths = [w for w in (32, 64, 128, 256, 512) if w <= PL.b3_rows_widest(dtype)]
         for p_contig, has_sa, amax, steps, block_k in itertools.product(
                 (True, False), (False, True), (False, True), PL.B3_ROWS_STEPS, widths):
             add(_bwd_input_rows_kernel, dtype, HAS_SA=has_sa, AMAX=amax, P_CONTIG=p_contig,

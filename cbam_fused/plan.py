@@ -208,6 +208,11 @@ def elementwise_position_groups(N: int, C: int, P: int, p_contig: bool, dtype, s
     return cdiv(P, per_program), per_program
 
 
+def b3_rows_widest(dtype) -> int:
+    """BLOCK_K of B3 by rows over a wide axis: B3_ROWS_WARPS warps of 16-byte vectors."""
+    return B3_ROWS_WARPS * 32 * (16 // torch.empty(0, dtype=dtype).element_size())
+
+
 def b3_rows(N: int, C: int, P: int, p_contig: bool, dtype, sms: int):
     """(BLOCK_K, STEPS) of B3 by rows, or (0, 0) for the tile kernel (a contiguous axis
     narrower than 32). BLOCK_K: a warp of 16-byte vectors along the contiguous axis (H*W
@@ -215,10 +220,9 @@ def b3_rows(N: int, C: int, P: int, p_contig: bool, dtype, sms: int):
     lanes, two 2-byte elements per thread, rows not 16-byte aligned). STEPS: rows of the
     other axis per program, fewer where the launch would give the SMs too few programs."""
     K, R = (P, C) if p_contig else (C, P)
-    block_k = B3_ROWS_WARPS * 32 * (16 // torch.empty(0, dtype=dtype).element_size())
     if K < 32:
         return 0, 0
-    block_k = min(block_k, triton.next_power_of_2(K))
+    block_k = min(b3_rows_widest(dtype), triton.next_power_of_2(K))
     programs = N * cdiv(K, block_k)
     steps = next((s for s in B3_ROWS_STEPS
                   if programs * cdiv(R, s) >= B3_ROWS_MIN_PROGRAMS_PER_SM * sms),

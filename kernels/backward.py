@@ -348,15 +348,16 @@ def _bwd_input_rows_kernel(
     if P_CONTIG:
         if HAS_SA:
             sa_k = tl.load(sa_ptr + krow, mask=mask_k, other=0.0)
-            s_lo, s_hi, s_idx, s_max, s_tied = _bwd_maxima(sidx_ptr, scnt_ptr, smax_ptr, dsmean_ptr,
-                                                   dsmax_ptr, krow, mask_k, inv_c, r_start,
-                                                   AMAX, ACC_DTYPE)
-            if AMAX:
-                need_x_k = tl.max(tl.load(scnt_ptr + krow, mask=mask_k, other=1), axis=0) > 1
+            s_lo, s_hi, s_idx, s_max, s_tied = _bwd_maxima(sidx_ptr, scnt_ptr, smax_ptr,
+                                                           dsmean_ptr, dsmax_ptr, krow, mask_k,
+                                                           inv_c, r_start, AMAX, ACC_DTYPE)
+            if AMAX:  # any tied spatial maximum in the block
+                need_x_k = tl.max(s_tied.to(tl.int32), axis=0) > 0
     else:
         ca_k = tl.load(ca_ptr + krow, mask=mask_k, other=0.0)
-        c_lo, c_hi, c_idx, c_max, c_tied = _bwd_maxima(cidx_ptr, ccnt_ptr, mx_ptr, davg_ptr, dmx_ptr,
-                                               krow, mask_k, inv_p, r_start, AMAX, ACC_DTYPE)
+        c_lo, c_hi, c_idx, c_max, c_tied = _bwd_maxima(cidx_ptr, ccnt_ptr, mx_ptr, davg_ptr,
+                                                       dmx_ptr, krow, mask_k, inv_p, r_start,
+                                                       AMAX, ACC_DTYPE)
         if AMAX:
             need_x_k = c_tied
     plane = n.to(tl.int64) * C * P + r_start.to(tl.int64) * K + offs_k
@@ -369,9 +370,9 @@ def _bwd_input_rows_kernel(
         need_x = need_x_k
         if P_CONTIG:  # row = channel r_start + i
             ca = tl.load(ca_ptr + row, mask=valid, other=0.0)
-            c_lo, c_hi, c_idx, c_max, c_tied = _bwd_maxima(cidx_ptr, ccnt_ptr, mx_ptr, davg_ptr,
-                                                   dmx_ptr, row, valid, inv_p, 0,
-                                                   AMAX, ACC_DTYPE)
+            c_lo, c_hi, c_idx, c_max, c_tied = _bwd_maxima(cidx_ptr, ccnt_ptr, mx_ptr,
+                                                           davg_ptr, dmx_ptr, row, valid,
+                                                           inv_p, 0, AMAX, ACC_DTYPE)
             if AMAX:
                 need_x = need_x | c_tied
             c_pos = offs_k
@@ -381,8 +382,9 @@ def _bwd_input_rows_kernel(
             if HAS_SA:
                 sa = tl.load(sa_ptr + row, mask=valid, other=0.0)
                 s_lo, s_hi, s_idx, s_max, s_tied = _bwd_maxima(sidx_ptr, scnt_ptr, smax_ptr,
-                                                       dsmean_ptr, dsmax_ptr, row, valid,
-                                                       inv_c, 0, AMAX, ACC_DTYPE)
+                                                               dsmean_ptr, dsmax_ptr, row,
+                                                               valid, inv_c, 0, AMAX,
+                                                               ACC_DTYPE)
                 if AMAX:
                     need_x = need_x | s_tied
             c_pos = i
@@ -392,8 +394,6 @@ def _bwd_input_rows_kernel(
         if HAS_SA:
             if P_CONTIG:
                 sa = sa_k
-            else:
-                sa_k = sa
             at_max = s_idx == s_pos
             if AMAX:
                 at_max = at_max | (x * ca == s_max)
