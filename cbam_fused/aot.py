@@ -8,13 +8,19 @@ whether the contiguous dimension is read and written 16 bytes at a time.
 
 Builds use the specialization a real launch of a typical shape gets: 16-byte
 aligned pointers and plane sizes divisible by 16 (Triton specializes integer
-arguments on divisibility by 16 at launch). A launch also turns every integer
+arguments on divisibility by 16 at launch). Real launches also get the others, and
+each is built too (`_unaligned`): sizes not divisible by 16 (H*W = 49 or 196, an odd C,
+a split of an odd number of 8-wide blocks) with every tile of the big passes, and
+those with every pointer off a 16-byte boundary as well (a saved-workspace region at
+odd N*C or N*H*W, an input or weight that is a view at an odd offset) per kernel,
+dtype and layout. A launch also turns every integer
 argument equal to 1 into a compile-time constant (a plain int inside the kernel):
 C = 1, H*W = 1, a single block or a single split. So each configuration is built
 once more with every such integer set to 1 together, and once with each alone set
 to 1. Integers are handled the same whatever the tile width and the I/O dtype, so
 these builds take one tile width, fp32 I/O (all subsets) and fp64 (all ones: its
-accumulation casts differ).
+accumulation casts differ). fp16 I/O compiles to the bf16 code but for its conversions:
+one fp16 build per kernel, layout and tile (`_fp16_representatives`).
 """
 import dataclasses
 import functools
@@ -61,12 +67,16 @@ class Build:
     dtype: torch.dtype
     constexprs: tuple  # sorted (name, value) pairs
     ones: tuple = ()   # integer arguments equal to 1, specialized into constants
+    unaligned: tuple = ()  # "ints": the sizes of _DIVISIBLE_INTS not divisible by 16;
+                           # "ptrs": every pointer off a 16-byte boundary (and the launch
+                           # options of such a launch: plan.big_pass_options)
 
     @property
     def name(self):
         flags = ",".join(f"{k}={_short(v)}" for k, v in self.constexprs if k != "ACC_DTYPE")
         ones = f"|{','.join(self.ones)}=1" if self.ones else ""
-        return f"{self.kernel.fn.__name__}[{DTYPE_NAME[self.dtype]}|{flags}{ones}]"
+        odd = f"|unaligned:{'+'.join(self.unaligned)}" if self.unaligned else ""
+        return f"{self.kernel.fn.__name__}[{DTYPE_NAME[self.dtype]}|{flags}{ones}{odd}]"
 
 
 def int_args(kernel):
@@ -85,13 +95,8 @@ def _with_ones(builds):
     for b in builds:
         if b.dtype not in (torch.float32, torch.float64):
             continue
-        flags = tuple((k, v) for k, v in b.constexprs
-                      if not k.startswith("BLOCK_") and k != "ACC_DTYPE")
-        layout = tuple((k, v) for k, v in flags if k in ("P_CONTIG", "K_CONTIG"))
-        key = (b.kernel, b.dtype, layout)
-        weight = sum(1 for _, v in flags if v is True or (type(v) is int and v > 0))
-        if key not in chosen or weight > chosen[key][0]:
-            chosen[key] = (weight, b)
+        weight, layout, _ = _traits(b)
+        _keep_heaviest(chosen, (b.kernel, b.dtype, layout), weight, b)
     out = []
     for _, b in chosen.values():
         can_be_one = [n for n in int_args(b.kernel) if n not in _NEVER_ONE]
@@ -100,6 +105,50 @@ def _with_ones(builds):
             subsets += [(n,) for n in can_be_one if len(can_be_one) > 1]
         out += [dataclasses.replace(b, ones=s) for s in subsets]
     return out
+
+
+def _unaligned(builds):
+    """Builds with the alignments a launch of an unusual shape or view gets (module
+    docstring), with sizes not divisible by 16 at 2-byte and 4-byte I/O: every tile and
+    flag set of the kernels whose register budget depends on it
+    (plan.UNALIGNED_BUDGET_KERNELS), the tiles of the other big passes with the most
+    flags on; and per kernel, dtype and layout the build with the most flags on (as
+    _with_ones) with the pointers unaligned, and with both."""
+    every, per_tile, per_layout = [], {}, {}
+    for b in builds:
+        if b.ones:
+            continue
+        name = b.kernel.fn.__name__
+        weight, layout, tile = _traits(b)
+        if (name in _BIG_PASSES + ("_bwd_input_rows_kernel",)
+                and b.dtype in (torch.bfloat16, torch.float32)
+                and ("NUM_STAGES", 1) not in b.constexprs):
+            if name in PL.UNALIGNED_BUDGET_KERNELS:
+                every.append(b)
+            else:
+                _keep_heaviest(per_tile, (b.kernel, b.dtype, layout, tile), weight, b)
+        _keep_heaviest(per_layout, (b.kernel, b.dtype, layout), weight, b)
+    ints = every + [b for _, b in per_tile.values()]
+    return ([dataclasses.replace(b, unaligned=("ints",)) for b in ints]
+            + [dataclasses.replace(b, unaligned=odd) for _, b in per_layout.values()
+               for odd in (("ptrs",), ("ints", "ptrs"))])
+
+
+def _traits(b):
+    """(weight, layout, tile) of a build: how many flags are on, its layout flag and its
+    BLOCK_* tile, for picking one representative build out of several."""
+    flags = tuple((k, v) for k, v in b.constexprs
+                  if not k.startswith("BLOCK_") and k != "ACC_DTYPE")
+    weight = sum(1 for _, v in flags if v is True or (type(v) is int and v > 0))
+    layout = tuple((k, v) for k, v in flags if k in ("P_CONTIG", "K_CONTIG"))
+    tile = tuple((k, v) for k, v in b.constexprs if k.startswith("BLOCK_"))
+    return weight, layout, tile
+
+
+def _keep_heaviest(chosen: dict, key, weight: int, build):
+    """chosen[key] = (weight, build) for the build with the largest weight."""
+    if key not in chosen or weight > chosen[key][0]:
+        chosen[key] = (weight, build)
 
 
 def _short(v):
@@ -327,7 +376,22 @@ def launch_configs(dtypes=DTYPES):
     acc_dtypes = sorted({torch.float32 if d != torch.float64 else d for d in dtypes}, key=str)
     for kernel, dtype, cx in _small_map_configs(acc_dtypes):
         builds.append(Build(kernel, dtype, tuple(sorted(cx.items()))))
-    return builds + _with_ones(builds)
+    builds = _fp16_representatives(builds)
+    return builds + _with_ones(builds) + _unaligned(builds)
+
+
+def _fp16_representatives(builds):
+    """builds with the fp16 ones cut to one per kernel, layout and tile (the one with the
+    most flags on): fp16 I/O compiles to the bf16 code but for the conversion
+    instructions, and every bf16 build stays (the test suite's time goes to builds)."""
+    chosen, out = {}, []
+    for b in builds:
+        if b.dtype != torch.float16:
+            out.append(b)
+            continue
+        weight, layout, tile = _traits(b)
+        _keep_heaviest(chosen, (b.kernel, layout, tile), weight, b)
+    return out + [b for _, b in chosen.values()]
 
 
 _BIG_PASSES = ("_pool_stats_kernel", "_gate_apply_kernel", "_bwd_gate_sums_kernel",
@@ -346,13 +410,14 @@ def num_warps_of(kernel_name: str) -> int:
     return PL.NUM_WARPS if kernel_name in _BIG_PASSES else PL.SMALL_NUM_WARPS
 
 
-def launch_options(kernel, constexprs=None, dtype=torch.float32) -> dict:
+def launch_options(kernel, constexprs=None, dtype=torch.float32, unaligned=()) -> dict:
     """The compile options the launchers give a kernel (launchers.py) with these
-    constexprs and this I/O dtype."""
+    constexprs, this I/O dtype and these alignments (Build.unaligned)."""
     if kernel.fn.__name__ in _BIG_PASSES:
         cx = constexprs or {}
+        aligned = not unaligned or kernel.fn.__name__ not in PL.UNALIGNED_BUDGET_KERNELS
         return PL.big_pass_options(bool(cx.get("HID_PARTIAL")), bool(cx.get("K_CONTIG")),
-                                   torch.empty(0, dtype=dtype).element_size())
+                                   torch.empty(0, dtype=dtype).element_size(), aligned)
     if kernel.fn.__name__ == "_bwd_input_rows_kernel":
         return PL.b3_rows_options()
     if kernel.fn.__name__ == "_spatial_gate_bwd_kernel" and constexprs:
@@ -375,16 +440,18 @@ def compile_build(build: Build, arch: int):
             signature[name] = "constexpr"
         elif name in ptrs:
             signature[name] = ptrs[name]
-            attrs[(i,)] = [["tt.divisibility", 16]]
+            if "ptrs" not in build.unaligned:
+                attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _FLOAT_ARGS:
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-            if name in _DIVISIBLE_INTS:
+            if name in _DIVISIBLE_INTS and "ints" not in build.unaligned:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=kernel, signature=signature, constexprs=cx, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options=launch_options(kernel, dict(build.constexprs), build.dtype))
+                          options=launch_options(kernel, dict(build.constexprs), build.dtype,
+                                                 build.unaligned))
 
 
 @functools.lru_cache(maxsize=None)
@@ -427,7 +494,8 @@ def build_report(build: Build, arch: int) -> dict:
     k = compile_build(build, arch)
     ptx = k.asm["ptx"]
     regs, spill_st, spill_ld = ptxas_report(ptx, arch)
-    return dict(name=build.name, arch=arch, ones=list(build.ones), regs=regs, spill_stores=spill_st,
+    return dict(name=build.name, arch=arch, ones=list(build.ones),
+                unaligned=list(build.unaligned), regs=regs, spill_stores=spill_st,
                 spill_loads=spill_ld, smem=k.metadata.shared,
                 occupancy=occupancy(regs, k.metadata.shared, num_warps(build.kernel)),
                 # 16-byte loads: ld.global.v4, or 16-byte cp.async in pipelined loops
@@ -458,7 +526,8 @@ def _report_one(args):
     try:
         return build_report(build, arch)
     except Exception as e:  # a compile error is a result to report, not a crash
-        return dict(name=build.name, arch=arch, error=f"{type(e).__name__}: {e}")
+        return dict(name=build.name, arch=arch, unaligned=list(build.unaligned),
+                    error=f"{type(e).__name__}: {e}")
 
 
 def report_all(archs=ARCHS, dtypes=DTYPES, workers=None):

@@ -121,6 +121,16 @@ def _flags(spec, two_layers, has_b1, has_b2, has_conv_bias, has_bn, has_bn_w, ha
                  bn_mode, has_bn_w, has_bn_b, spec.amax)
 
 
+def aligned_launch(ints, tensors) -> bool:
+    """Whether Triton specializes a launch as aligned: each of `ints` (the kernel's sizes
+    aot._DIVISIBLE_INTS names) divisible by 16 or equal to 1 (a constant then), and every
+    tensor's address 16-byte aligned. Some kernels take a larger register budget when not
+    (plan.big_pass_options); the scratch regions are aligned by construction
+    (plan.aligned), the input, weights and saved regions are looked at."""
+    return (all(i % 16 == 0 or i == 1 for i in ints)
+            and all(t.data_ptr() % 16 == 0 for t in tensors))
+
+
 def _or(t, fallback):
     """A tensor argument for a pointer the kernel does not read under its flags."""
     return fallback if t is None else t
@@ -149,15 +159,16 @@ def pool_stats_partials(x, R: int, K: int, k_contig: bool, red: Reduction, scale
                 torch.empty(N, red.splits, R, device=x.device, dtype=dt),
                 torch.empty(N, red.splits, R, device=x.device, dtype=torch.int32),
                 torch.empty(N, red.splits, R, device=x.device, dtype=torch.int32))
+    ptrs = (x, scale if scale is not None else outs[0], *outs, _or(w1, outs[0]), _or(hpart, outs[0]))
+    aligned = aligned_launch((R, K, red.k_per_split), ptrs)
     run(_pool_stats_kernel, (N * red.splits * red.r_blocks,),
-        (x, scale if scale is not None else outs[0], *outs, _or(w1, outs[0]), _or(hpart, outs[0]),
-         R, K, red.k_per_split, red.r_blocks, red.splits, hidden),
+        (*ptrs, R, K, red.k_per_split, red.r_blocks, red.splits, hidden),
         dict(HAS_SCALE=scale is not None, HID_PARTIAL=hid_partial is not None, POOL=pool,
              K_CONTIG=k_contig, ACC_DTYPE=_tl_acc(x.dtype),
              BLOCK_R=red.block_r, BLOCK_K=red.block_k, HAS_TAIL=K % red.block_k != 0,
              NUM_STAGES=red.stages, BLOCK_H=block_h,
              HID_LOOP=block_h < hidden, **big_pass_options(hid_partial is not None, k_contig,
-                                                  x.element_size())))
+                                                           x.element_size(), aligned)))
     return outs
 
 
@@ -358,13 +369,15 @@ def bwd_spatial_pool(x, ca, dsmean, dsmax, smax, sidx, scnt, p_contig: bool, ama
     else:
         gc_part = w2 = dlog = drpart = None
         block_pb, pb, hidden, block_h = 1, 1, 1, 1
+    ptrs = (x, ca, dsmean, dsmax, smax, sidx, scnt, out, _or(gc_part, out), _or(w2, out),
+            _or(dlog, out), _or(drpart, out))
     run(_bwd_spatial_pool_kernel, (N * ncb * splits,),
-        (x, ca, dsmean, dsmax, smax, sidx, scnt, out, _or(gc_part, out), _or(w2, out),
-         _or(dlog, out), _or(drpart, out), C, P, p_per_split, ncb, splits, pb, hidden),
+        (*ptrs, C, P, p_per_split, ncb, splits, pb, hidden),
         dict(AMAX=amax, DR_PARTIAL=dr_partial is not None, P_CONTIG=p_contig,
              ACC_DTYPE=_tl_acc(x.dtype), BLOCK_C=block_c, BLOCK_P=block_p,
              NUM_STAGES=loop_stages(p_per_split, block_p), BLOCK_PB=block_pb, BLOCK_H=block_h,
-             HID_LOOP=block_h < hidden, num_warps=NUM_WARPS))
+             HID_LOOP=block_h < hidden,
+             **big_pass_options(aligned=aligned_launch((C, P, p_per_split), ptrs))))
     return out
 
 

@@ -31,6 +31,9 @@ SMALL_MAXNREG = 128
 # programs of 128 threads per SM instead of 6 (fp32 and channels_last builds spill there)
 PARTIAL_ROWS_MAXNREG = 80
 PARTIAL_ROWS_MAXNREG_16BIT_NCHW = 64
+# The register budget of an unaligned launch of these kernels (big_pass_options).
+UNALIGNED_MAXNREG = 160
+UNALIGNED_BUDGET_KERNELS = ("_pool_stats_kernel", "_bwd_spatial_pool_kernel")
 MAX_SPLITS = 64       # partial rows merged by one tile of the small-map kernels
 BIG_PASS_PROGRAMS_PER_SM = 8  # the split reductions' target (8-12 fit on an SM, aot.py)
 SMALL_TILE = 4096     # elements of one tile in the small-map kernels (half for fp64)
@@ -72,11 +75,19 @@ def b3_rows_options() -> dict:
 
 
 def big_pass_options(partial_rows: bool = False, k_contig: bool = False,
-                     io_bytes: int = 4) -> dict:
+                     io_bytes: int = 4, aligned: bool = True) -> dict:
     """Launch options of the big passes (launchers.py; aot.py builds with the same):
     NUM_WARPS, and for F1 forming the channel MLP's partial rows a register budget
     (PARTIAL_ROWS_MAXNREG, or PARTIAL_ROWS_MAXNREG_16BIT_NCHW with 16-bit I/O where the
-    reduced axis is contiguous)."""
+    reduced axis is contiguous).
+
+    aligned=False (UNALIGNED_BUDGET_KERNELS only: a launch Triton specializes with a size
+    not divisible by 16 or a pointer off a 16-byte boundary, launchers.aligned_launch):
+    its loads are not vectorized and hold more registers: F1 with the partial rows needs
+    114-140 (spills up to 120 bytes at 64), F1, F2 and B2 a few more than ptxas gives
+    them unasked (4-28 bytes of spills at 64-80): UNALIGNED_MAXNREG."""
+    if not aligned:
+        return {"num_warps": NUM_WARPS, "maxnreg": UNALIGNED_MAXNREG}
     if partial_rows:
         small = k_contig and io_bytes == 2
         return {"num_warps": NUM_WARPS, "maxnreg": PARTIAL_ROWS_MAXNREG_16BIT_NCHW if small
@@ -387,10 +398,11 @@ class BlockPlan:
     @functools.lru_cache(maxsize=None)
     def fwd_scratch_acc_layout(self):
         N, C, P = self.N, self.C, self.Ps
-        return (("f1_sum", N * self.f1.splits * C), ("f1_max", N * self.f1.splits * C),
-                ("hpart", N * self.f1.r_blocks * 2 * self.hidden * int(self.phi_blocks)),
-                ("f2_sum", N * self.f2.splits * P), ("f2_max", N * self.f2.splits * P),
-                ("mom", self.psi_programs * 3), ("slab", self.psi_programs * 2 * self.psi_slab))
+        return aligned((
+            ("f1_sum", N * self.f1.splits * C), ("f1_max", N * self.f1.splits * C),
+            ("hpart", N * self.f1.r_blocks * 2 * self.hidden * int(self.phi_blocks)),
+            ("f2_sum", N * self.f2.splits * P), ("f2_max", N * self.f2.splits * P),
+            ("mom", self.psi_programs * 3), ("slab", self.psi_programs * 2 * self.psi_slab)))
 
     @property
     def psi_programs(self):
@@ -405,8 +417,8 @@ class BlockPlan:
     @functools.lru_cache(maxsize=None)
     def fwd_scratch_i32_layout(self):
         N, C, P = self.N, self.C, self.Ps
-        return (("f1_idx", N * self.f1.splits * C), ("f1_cnt", N * self.f1.splits * C),
-                ("f2_idx", N * self.f2.splits * P), ("f2_cnt", N * self.f2.splits * P))
+        return aligned((("f1_idx", N * self.f1.splits * C), ("f1_cnt", N * self.f1.splits * C),
+                        ("f2_idx", N * self.f2.splits * P), ("f2_cnt", N * self.f2.splits * P)))
 
     @functools.lru_cache(maxsize=None)
     def bwd_scratch_layout(self, spatial_kernel_size, spatial_maps):
@@ -414,14 +426,15 @@ class BlockPlan:
         R = self.psi_programs
         cg = spatial_maps * spatial_kernel_size ** 2 + 1  # a conv gradient row
         conv = self.psi_bwd_conv(spatial_kernel_size)
-        return (("gs_part", N * self.b1_splits * P), ("gc_part", N * self.b1_p_blocks * C),
-                ("ds", N * P), ("dsmean", N * P), ("dsmax", N * P),
-                ("bsums", R * 2), ("cgrad", R * cg),
-                ("cgrad_part", R * cg * conv["GRAD_ROWS"] if conv["STENCIL"] else 0),
-                ("gc2_part", N * self.b2_splits * C), ("dlog", N * C),
-                ("drpart", N * self.b2_c_blocks * self.hidden * int(self.phi_bwd_blocks)),
-                ("dh", N * 2 * self.hidden * int(self.two_layers)),
-                ("davg", N * C), ("dmx", N * C))
+        return aligned((
+            ("gs_part", N * self.b1_splits * P), ("gc_part", N * self.b1_p_blocks * C),
+            ("ds", N * P), ("dsmean", N * P), ("dsmax", N * P),
+            ("bsums", R * 2), ("cgrad", R * cg),
+            ("cgrad_part", R * cg * conv["GRAD_ROWS"] if conv["STENCIL"] else 0),
+            ("gc2_part", N * self.b2_splits * C), ("dlog", N * C),
+            ("drpart", N * self.b2_c_blocks * self.hidden * int(self.phi_bwd_blocks)),
+            ("dh", N * 2 * self.hidden * int(self.two_layers)),
+            ("davg", N * C), ("dmx", N * C)))
 
 
     @functools.lru_cache(maxsize=None)
@@ -451,6 +464,30 @@ def saved_layouts(N, C, P, hidden, two_layers, spatial):
            ("bn_stats", 3 * int(spatial)))
     i32 = (("cidx", N * C), ("ccnt", N * C), ("sidx", N * Ps), ("scnt", N * Ps))
     return acc, i32
+
+
+# Elements each workspace region is padded to: 16 bytes of fp32 / int32 (32 of fp64).
+REGION_ALIGN = 4
+
+
+def aligned(layout):
+    """layout with a padding region ("_pad<i>") after every region whose size is not a
+    multiple of REGION_ALIGN elements, so that every region starts 16-byte aligned in a
+    workspace that does (torch's allocators start every tensor far more aligned).
+
+    Triton specializes each pointer argument on its address modulo 16: an aligned region
+    gets the kernels' aligned-pointer builds (aot.py) and 16-byte vector access where its
+    rows allow it, whatever the shape (N = 1, C or H*W odd). For the scratch workspaces
+    only: padding is never written, and the saved workspaces are outputs of the
+    registered forward op, which must be deterministic to the last element (their regions
+    are N*C and N*H*W rows, 16-byte aligned at every usual shape; the other alignments
+    have builds of their own in aot.py)."""
+    out = []
+    for i, (name, size) in enumerate(layout):
+        out.append((name, size))
+        if size % REGION_ALIGN:
+            out.append((f"_pad{i}", -size % REGION_ALIGN))
+    return tuple(out)
 
 
 def _pow2_at_least(v: int, lo: int) -> int:
