@@ -415,9 +415,12 @@ def launch_options(kernel, constexprs=None, dtype=torch.float32, unaligned=()) -
     constexprs, this I/O dtype and these alignments (Build.unaligned)."""
     if kernel.fn.__name__ in _BIG_PASSES:
         cx = constexprs or {}
-        aligned = not unaligned or kernel.fn.__name__ not in PL.UNALIGNED_BUDGET_KERNELS
+        io_bytes = torch.empty(0, dtype=dtype).element_size()
+        aligned = not unaligned or not PL.unaligned_budget(
+            kernel.fn.__name__, io_bytes, bool(cx.get("K_CONTIG")), bool(cx.get("HAS_SCALE")),
+            bool(cx.get("P_CONTIG", True)))
         return PL.big_pass_options(bool(cx.get("HID_PARTIAL")), bool(cx.get("K_CONTIG")),
-                                   torch.empty(0, dtype=dtype).element_size(), aligned)
+                                   io_bytes, aligned)
     if kernel.fn.__name__ == "_bwd_input_rows_kernel":
         return PL.b3_rows_options()
     if kernel.fn.__name__ == "_spatial_gate_bwd_kernel" and constexprs:

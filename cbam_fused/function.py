@@ -193,7 +193,6 @@ def fused_backward(g, xd, p_contig: bool, saved_acc, saved_i32, spec: CBAMSpec, 
     """The seven backward launches: (dx or None, {weight field: gradient})."""
     plan = plan_for(xd, spec, w, p_contig)
     f = L.flags_of(spec, w, bn_batch_stats)
-    layout = plan.bwd_scratch_layout(spec.kernel_size, f.spatial_maps)
     scratch = torch.empty(plan.bwd_scratch_size(spec.kernel_size, f.spatial_maps),
                           device=xd.device, dtype=plan.acc)
     g = L.as_layout(g, p_contig)
@@ -206,7 +205,7 @@ def fused_backward(g, xd, p_contig: bool, saved_acc, saved_i32, spec: CBAMSpec, 
         return dx, grads
     s = carve(saved_acc, plan.saved_acc_layout())
     s.update(carve(saved_i32, plan.saved_i32_layout()))
-    t = carve(scratch, layout)
+    t = carve(scratch, plan.bwd_scratch_layout(spec.kernel_size, f.spatial_maps))
     sa = s["sa"] if spec.has_spatial else None
     L.bwd_gate_sums(g, xd, s["ca"], sa, p_contig, gs_part=t["gs_part"] if spec.has_spatial else None,
                     gc_part=t["gc_part"], plan=plan, run=run)

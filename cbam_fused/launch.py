@@ -111,7 +111,7 @@ class Program:
     floats, then the constants and compile-time tails; each launch takes its arguments
     from the pool with one operator.itemgetter and calls its compiled kernel's launcher.
     """
-    __slots__ = ("addresses", "floats", "constants", "launches")
+    __slots__ = ("addresses", "floats", "constants", "launches", "_roots", "_offsets")
 
     def __init__(self, launches):
         self.addresses, self.floats, self.constants = [], [], []
@@ -132,6 +132,9 @@ class Program:
             items = [place(kind, value) for kind, value in slots]
             items += [place(-1, value) for value in tail]
             placed.append((compiled, grid, items))
+        # the addresses as two parallel tuples: a replay adds them with map (no Python loop)
+        self._roots = tuple(i for i, _ in self.addresses)
+        self._offsets = tuple(offset for _, offset in self.addresses)
         start = (0, len(self.addresses), len(self.addresses) + len(self.floats))
         self.launches = [(compiled.run, grid, compiled.function, compiled.packed_metadata,
                           _taker([start[part] + i for part, i in items]))
@@ -140,7 +143,7 @@ class Program:
     def replay(self, ptrs, stream: int, floats):
         """Launch everything: `ptrs` the roots' addresses (call_key), `floats` the float
         arguments by name (FLOAT_ARGS), or None when the kernels take none."""
-        pool = [ptrs[i] + offset for i, offset in self.addresses]
+        pool = list(map(operator.add, map(ptrs.__getitem__, self._roots), self._offsets))
         if self.floats:
             pool += [floats[name] for name in self.floats]
         pool += self.constants

@@ -30,7 +30,7 @@ from .kernels.weight_grads import _weight_grads_kernel
 from .launch import jit_launch
 from .plan import (CONV_GRAD_BLOCK, NUM_WARPS, SMALL_MAXNREG, SMALL_NUM_WARPS,
                    Reduction, acc_dtype, b1_blocks, b2_blocks, b3_rows, b3_rows_options,
-                   big_pass_options, cdiv,
+                   big_pass_options, cdiv, unaligned_budget,
                    channel_split, bn_parts_block, cp_blocks, elementwise_position_groups,
                    loop_stages, position_split, psi_bwd_options, reduction_plan, sm_count,
                    weight_grad_rows, weight_grad_samples)
@@ -125,7 +125,7 @@ def aligned_launch(ints, tensors) -> bool:
     """Whether Triton specializes a launch as aligned: each of `ints` (the kernel's sizes
     aot._DIVISIBLE_INTS names) divisible by 16 or equal to 1 (a constant then), and every
     tensor's address 16-byte aligned. Some kernels take a larger register budget when not
-    (plan.big_pass_options); the scratch regions are aligned by construction
+    (plan.unaligned_budget); the scratch regions are aligned by construction
     (plan.aligned), the input, weights and saved regions are looked at."""
     return (all(i % 16 == 0 or i == 1 for i in ints)
             and all(t.data_ptr() % 16 == 0 for t in tensors))
@@ -160,7 +160,9 @@ def pool_stats_partials(x, R: int, K: int, k_contig: bool, red: Reduction, scale
                 torch.empty(N, red.splits, R, device=x.device, dtype=torch.int32),
                 torch.empty(N, red.splits, R, device=x.device, dtype=torch.int32))
     ptrs = (x, scale if scale is not None else outs[0], *outs, _or(w1, outs[0]), _or(hpart, outs[0]))
-    aligned = aligned_launch((R, K, red.k_per_split), ptrs)
+    aligned = (not unaligned_budget("_pool_stats_kernel", x.element_size(), k_contig=k_contig,
+                                    has_scale=scale is not None)
+               or aligned_launch((R, K, red.k_per_split), ptrs))
     run(_pool_stats_kernel, (N * red.splits * red.r_blocks,),
         (*ptrs, R, K, red.k_per_split, red.r_blocks, red.splits, hidden),
         dict(HAS_SCALE=scale is not None, HID_PARTIAL=hid_partial is not None, POOL=pool,
@@ -377,7 +379,9 @@ def bwd_spatial_pool(x, ca, dsmean, dsmax, smax, sidx, scnt, p_contig: bool, ama
              ACC_DTYPE=_tl_acc(x.dtype), BLOCK_C=block_c, BLOCK_P=block_p,
              NUM_STAGES=loop_stages(p_per_split, block_p), BLOCK_PB=block_pb, BLOCK_H=block_h,
              HID_LOOP=block_h < hidden,
-             **big_pass_options(aligned=aligned_launch((C, P, p_per_split), ptrs))))
+             **big_pass_options(aligned=not unaligned_budget("_bwd_spatial_pool_kernel",
+                                                             x.element_size(), p_contig=p_contig)
+                                or aligned_launch((C, P, p_per_split), ptrs))))
     return out
 
 

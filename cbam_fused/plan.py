@@ -31,8 +31,10 @@ SMALL_MAXNREG = 128
 # programs of 128 threads per SM instead of 6 (fp32 and channels_last builds spill there)
 PARTIAL_ROWS_MAXNREG = 80
 PARTIAL_ROWS_MAXNREG_16BIT_NCHW = 64
-# The register budget of an unaligned launch of these kernels (big_pass_options).
-UNALIGNED_MAXNREG = 160
+# The register budgets of an unaligned launch of these kernels (big_pass_options,
+# unaligned_budget), with and without F1's partial rows.
+UNALIGNED_MAXNREG = 128
+UNALIGNED_PARTIAL_ROWS_MAXNREG = 160
 UNALIGNED_BUDGET_KERNELS = ("_pool_stats_kernel", "_bwd_spatial_pool_kernel")
 MAX_SPLITS = 64       # partial rows merged by one tile of the small-map kernels
 BIG_PASS_PROGRAMS_PER_SM = 8  # the split reductions' target (8-12 fit on an SM, aot.py)
@@ -69,6 +71,24 @@ BN_PARTS_BLOCK = 256  # BatchNorm partial rows combined at once (one row per psi
 INTERPRETER_SM_COUNT = int(os.environ.get("CBAM_FUSED_SM_COUNT", "1"))
 
 
+def unaligned_budget(kernel_name: str, io_bytes: int, k_contig: bool = False,
+                     has_scale: bool = False, p_contig: bool = True) -> bool:
+    """Whether an unaligned launch of this configuration takes the unaligned register
+    budget (big_pass_options): exactly where its unaligned builds spill with the aligned
+    one (aot.py, sm_80 and sm_90; the AOT test holds every unaligned build to no spills
+    with the budget this gives it): F1 reducing along the contiguous axis (K_CONTIG
+    without a scale: NCHW), F2 along it (channels_last) with 4-byte I/O, B2 in
+    channels_last with 4-byte I/O. Elsewhere an unaligned launch keeps the aligned
+    budget, which holds more programs per SM (F1 in channels_last at 56x56 splits H*W
+    into 392-row parts, not a multiple of 16: 8 programs per SM at 64 registers, 7 at
+    72)."""
+    if kernel_name == "_pool_stats_kernel":
+        return k_contig and (io_bytes >= 4 or not has_scale)
+    if kernel_name == "_bwd_spatial_pool_kernel":
+        return not p_contig and io_bytes >= 4
+    return False
+
+
 def b3_rows_options() -> dict:
     """Launch options of B3 by rows (launchers.py; aot.py builds with the same)."""
     return {"num_warps": B3_ROWS_WARPS}
@@ -81,13 +101,16 @@ def big_pass_options(partial_rows: bool = False, k_contig: bool = False,
     (PARTIAL_ROWS_MAXNREG, or PARTIAL_ROWS_MAXNREG_16BIT_NCHW with 16-bit I/O where the
     reduced axis is contiguous).
 
-    aligned=False (UNALIGNED_BUDGET_KERNELS only: a launch Triton specializes with a size
-    not divisible by 16 or a pointer off a 16-byte boundary, launchers.aligned_launch):
-    its loads are not vectorized and hold more registers: F1 with the partial rows needs
-    114-140 (spills up to 120 bytes at 64), F1, F2 and B2 a few more than ptxas gives
-    them unasked (4-28 bytes of spills at 64-80): UNALIGNED_MAXNREG."""
+    aligned=False (where unaligned_budget says so, for a launch Triton specializes with a
+    size not divisible by 16 or a pointer off a 16-byte boundary,
+    launchers.aligned_launch): its loads are not vectorized and hold more registers: F1
+    with the partial rows needs 114-140 (spills up to 120 bytes at 64):
+    UNALIGNED_PARTIAL_ROWS_MAXNREG; F1, F2 and B2 a few more than ptxas gives them
+    unasked (4-28 bytes of spills at 64-80; B2 at fp64 still spills at 96):
+    UNALIGNED_MAXNREG."""
     if not aligned:
-        return {"num_warps": NUM_WARPS, "maxnreg": UNALIGNED_MAXNREG}
+        return {"num_warps": NUM_WARPS, "maxnreg": UNALIGNED_PARTIAL_ROWS_MAXNREG if partial_rows
+                else UNALIGNED_MAXNREG}
     if partial_rows:
         small = k_contig and io_bytes == 2
         return {"num_warps": NUM_WARPS, "maxnreg": PARTIAL_ROWS_MAXNREG_16BIT_NCHW if small

@@ -17,7 +17,7 @@ from helpers import make_module
 
 import cbam_fused.function as F
 from cbam_fused.plan import (REGION_ALIGN, UNALIGNED_BUDGET_KERNELS, UNALIGNED_MAXNREG,
-                             big_pass_options, block_plan)
+                             UNALIGNED_PARTIAL_ROWS_MAXNREG, block_plan)
 
 # (variant, N, C, H, W, dtype)
 CASES = [("official", 1, 13, 5, 7, torch.float32), ("timm", 3, 9, 3, 5, torch.bfloat16),
@@ -82,42 +82,61 @@ def test_kernels_receive_aligned_pointers(variant, N, C, H, W, dtype, monkeypatc
 
 
 def _budgets(x, monkeypatch, variant="timm"):
-    """{kernel name: set of maxnreg options} over a forward and backward on x."""
+    """{(kernel name, contiguous-axis flag): set of maxnreg options} of the kernels with an
+    unaligned budget, over a forward and backward on x."""
     seen = {}
 
     def recording_launch(kernel, grid, args, constexprs):
-        seen.setdefault(kernel.fn.__name__, set()).add(constexprs.get("maxnreg"))
+        name = kernel.fn.__name__
+        if name in UNALIGNED_BUDGET_KERNELS:
+            flag = constexprs.get("K_CONTIG", constexprs.get("P_CONTIG"))
+            seen.setdefault((name, flag), set()).add(constexprs.get("maxnreg"))
         return kernel[grid](*args, **constexprs)
 
     monkeypatch.setattr(F, "jit_launch", recording_launch)
     m = make_module(variant, x.shape[1], "cpu", reduction=2)
     x = x.detach().requires_grad_()
     m(x).backward(torch.ones_like(x))
-    return {k: v for k, v in seen.items() if k in UNALIGNED_BUDGET_KERNELS}
+    return seen
 
 
-def _at_offset(shape, elements, dtype=torch.bfloat16):
-    """A dense NCHW tensor of `shape` starting `elements` elements into its storage."""
-    n = torch.Size(shape).numel()
-    return torch.randn(n + elements, dtype=dtype)[elements:].view(shape)
+def _at_offset(shape, elements, channels_last=False, dtype=torch.bfloat16):
+    """A dense tensor of `shape` (NCHW or channels_last) starting `elements` elements into
+    its storage."""
+    N, C, H, W = shape
+    base = torch.randn(N * C * H * W + elements, dtype=dtype)[elements:]
+    if channels_last:
+        return base.view(N, H, W, C).permute(0, 3, 1, 2)
+    return base.view(shape)
 
 
-@pytest.mark.parametrize("shape,offset,unaligned", [
-    ((2, 32, 8, 8), 0, False),   # H*W = 64, C = 32, aligned input
-    ((2, 32, 7, 7), 0, True),    # H*W = 49
-    ((2, 32, 8, 8), 3, True),    # aligned sizes, the input 6 bytes past a boundary
+F1_NCHW, F2_NCHW = ("_pool_stats_kernel", True), ("_pool_stats_kernel", False)
+F1_CL, F2_CL = F2_NCHW, F1_NCHW  # channels_last: F1 reduces the strided axis, F2 the contiguous
+B2_NCHW, B2_CL = ("_bwd_spatial_pool_kernel", True), ("_bwd_spatial_pool_kernel", False)
+UNALIGNED = {UNALIGNED_MAXNREG, UNALIGNED_PARTIAL_ROWS_MAXNREG}
+
+
+@pytest.mark.parametrize("shape,offset,channels_last,dtype,expect_unaligned", [
+    ((2, 32, 8, 8), 0, False, torch.bfloat16, set()),  # H*W = 64, C = 32, aligned input
+    ((2, 32, 8, 8), 0, True, torch.float32, set()),
+    ((2, 32, 7, 7), 0, False, torch.bfloat16, {F1_NCHW}),  # H*W = 49: F1 reduces along it
+    ((2, 32, 7, 7), 0, True, torch.bfloat16, set()),  # rows of 49 positions, 2-byte I/O
+    ((2, 32, 7, 7), 0, True, torch.float32, {F2_CL, B2_CL}),  # ... 4-byte I/O
+    ((2, 32, 8, 8), 3, False, torch.bfloat16, {F1_NCHW}),  # the input 6 bytes off a boundary
+    ((2, 32, 8, 8), 1, True, torch.float32, {F2_CL, B2_CL}),
 ])
-def test_unaligned_launches_get_their_register_budget(shape, offset, unaligned, monkeypatch):
-    x = _at_offset(shape, offset)
+def test_unaligned_launches_get_their_register_budget(shape, offset, channels_last, dtype,
+                                                      expect_unaligned, monkeypatch):
+    """The unaligned budget goes exactly to the unaligned launches of the configurations
+    whose unaligned builds need it (plan.unaligned_budget): F1 in NCHW, F2 and B2 in
+    channels_last at 4-byte I/O; every other launch keeps its aligned budget."""
+    x = _at_offset(shape, offset, channels_last, dtype)
     assert (x.data_ptr() % 16 != 0) == (offset != 0)
+    assert x.is_contiguous(memory_format=torch.channels_last if channels_last
+                           else torch.contiguous_format)
     budgets = _budgets(x, monkeypatch)
-    assert set(budgets) == set(UNALIGNED_BUDGET_KERNELS), budgets
-    aligned_budget = {k: {big_pass_options(k_contig=True, io_bytes=2).get("maxnreg")}
-                      for k in budgets}
-    if unaligned:
-        # F1 and F2 (the pool statistics kernel) both see an unaligned size or input
-        assert budgets["_pool_stats_kernel"] == {UNALIGNED_MAXNREG}, budgets
-        assert UNALIGNED_MAXNREG in budgets["_bwd_spatial_pool_kernel"], budgets
-    else:
-        assert UNALIGNED_MAXNREG not in set().union(*budgets.values()), budgets
-        assert budgets["_bwd_spatial_pool_kernel"] == aligned_budget["_bwd_spatial_pool_kernel"]
+    assert {F1_NCHW, F2_NCHW, B2_CL if channels_last else B2_NCHW} <= set(budgets), budgets
+    got = {key for key, options in budgets.items() if options & UNALIGNED}
+    assert got == expect_unaligned, budgets
+    for key in expect_unaligned:
+        assert len(budgets[key]) == 1, budgets
