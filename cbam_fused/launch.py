@@ -108,8 +108,9 @@ class Program:
     Built from the launches of a capture, each with its argument slots: (root index,
     byte offset) for a pointer, (-1, value) for a constant, (-2, name) for a float read
     per call. A replay makes one list, the pool: every distinct root+offset address, the
-    floats, then the constants and compile-time tails; each launch takes its arguments
-    from the pool with one operator.itemgetter and calls its compiled kernel's launcher.
+    floats, the constants (each launcher's leading arguments: grid, function, metadata,
+    hooks; the kernels' integers and compile-time tails), then the stream; each launch
+    takes its launcher's whole argument tuple from the pool with one operator.itemgetter.
     """
     __slots__ = ("addresses", "floats", "constants", "launches", "_roots", "_offsets")
 
@@ -127,18 +128,24 @@ class Program:
                 pool.append((kind, value) if kind >= 0 else value)
             return shared[kind, value]
 
+        stream = (3, 0)  # the pool's last entry
         placed = []
         for compiled, grid, slots, tail in launches:
-            items = [place(kind, value) for kind, value in slots]
+            # CompiledKernel.run(grid x, y, z, stream, function, packed metadata, launch
+            # metadata, enter hook, exit hook, *kernel arguments)
+            items = [place(-1, v) for v in (grid, 1, 1)] + [stream] + [
+                place(-1, v) for v in (compiled.function, compiled.packed_metadata, None, None,
+                                       None)]
+            items += [place(kind, value) for kind, value in slots]
             items += [place(-1, value) for value in tail]
-            placed.append((compiled, grid, items))
+            placed.append((compiled, items))
         # the addresses as two parallel tuples: a replay adds them with map (no Python loop)
         self._roots = tuple(i for i, _ in self.addresses)
         self._offsets = tuple(offset for _, offset in self.addresses)
-        start = (0, len(self.addresses), len(self.addresses) + len(self.floats))
-        self.launches = [(compiled.run, grid, compiled.function, compiled.packed_metadata,
-                          _taker([start[part] + i for part, i in items]))
-                         for compiled, grid, items in placed]
+        n_a, n_f = len(self.addresses), len(self.floats)
+        start = (0, n_a, n_a + n_f, n_a + n_f + len(self.constants))
+        self.launches = [(compiled.run, operator.itemgetter(*[start[part] + i for part, i in items]))
+                         for compiled, items in placed]
 
     def replay(self, ptrs, stream: int, floats):
         """Launch everything: `ptrs` the roots' addresses (call_key), `floats` the float
@@ -147,16 +154,9 @@ class Program:
         if self.floats:
             pool += [floats[name] for name in self.floats]
         pool += self.constants
-        for run, grid, function, metadata, take in self.launches:
-            run(grid, 1, 1, stream, function, metadata, None, None, None, *take(pool))
-
-
-def _taker(indices):
-    """pool -> the tuple of pool[i] for i in indices (operator.itemgetter returns a bare
-    item, not a 1-tuple, for a single index)."""
-    if len(indices) == 1:
-        return lambda pool, i=indices[0]: (pool[i],)
-    return operator.itemgetter(*indices)
+        pool.append(stream)
+        for run, take in self.launches:
+            run(*take(pool))
 
 
 def _slot(param, value, roots, ptrs):
