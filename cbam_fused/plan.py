@@ -592,18 +592,29 @@ def phi_blocks_tiles(hidden: int, dtype):
 
 
 def channel_map_blocks(partial_elements: int, C: int, P: int, splits: int, unsplit_steps: int,
-                       map_steps: int) -> bool:
+                       map_steps: int, map_trips: int = None) -> bool:
     """Whether a big pass next to the channel map (F1 forward, B2 backward) runs unsplit
     and multiplies its finished per-channel rows into the matching slice of the MLP's
     weights, so that the channel map runs per channel range (phi_blocks, phi_bwd_blocks):
     the partial rows of one sample (partial_elements, fp32) no larger than the sample in
     16-bit; a per-sample channel map that would walk a weight in at least
-    PHI_BLOCKS_MIN_STEPS steps (map_steps, each a serial round trip; below that the big
-    pass's extra work costs more than it saves); and the big pass either unsplit already
-    or with fewer steps per program unsplit (unsplit_steps) than that walk."""
+    PHI_BLOCKS_MIN_STEPS steps (map_steps; below that the big pass's extra work costs
+    more than it saves); and the big pass either unsplit already or with fewer steps per
+    program unsplit (unsplit_steps) than the per-sample map's serial round trips
+    (map_trips: one per step unless given, bwd_map_trips)."""
     if partial_elements > C * P // 2 or map_steps < PHI_BLOCKS_MIN_STEPS:
         return False
-    return splits == 1 or unsplit_steps < map_steps
+    return splits == 1 or unsplit_steps < (map_steps if map_trips is None else map_trips)
+
+
+def bwd_map_trips(C: int, block_c: int, b1_p_blocks: int, block_pb: int, b2_splits: int,
+                  block_ps2: int) -> int:
+    """Serial round trips of the per-sample channel-map backward (_channel_gate_bwd_kernel):
+    per BLOCK_C channels, B1's partial rows BLOCK_PB at a time, B2's BLOCK_PS2 at a time,
+    the gate and the W2 slice, then a second walk for W1 (desk model at 1x1024x14x14
+    channels_last: 112 trips, this gives 112)."""
+    steps = cdiv(C, block_c)
+    return steps * (2 + cdiv(b1_p_blocks, block_pb) + cdiv(b2_splits, block_ps2))
 
 
 def phi_channel_programs(N: int, C: int, sms: int):
@@ -727,7 +738,9 @@ def block_plan(N: int, C: int, H: int, W: int, hidden: int, two_layers: bool, sp
     b2_block_c, b2_block_p = b2_blocks(N, C, P, p_contig, dtype, sms)
     b2_c_blocks = cdiv(C, b2_block_c)
     phi_bwd_blocks = spatial and two_layers and channel_map_blocks(
-        b2_c_blocks * hidden, C, P, b2_splits, cdiv(P, b2_block_p), cdiv(C, phi_bwd_block_c))
+        b2_c_blocks * hidden, C, P, b2_splits, cdiv(P, b2_block_p), cdiv(C, phi_bwd_block_c),
+        bwd_map_trips(C, phi_bwd_block_c, b1_p_blocks, bwd_block_pb, b2_splits,
+                      min(8, merge_block(b2_splits))))
     if phi_bwd_blocks and b2_splits > 1:
         b2_splits, b2_p_per_split = position_split(N, C, P, p_contig, dtype, sms, splits=1)
     wg_tile = weight_tile(hidden, two_layers, C, sms)
