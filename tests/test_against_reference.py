@@ -212,7 +212,8 @@ def test_spatial_conv_paths(case, stencil, device, monkeypatch):
 # channels_last, which F1 alone would split over H*W), forms the layer-1 partials of its
 # channel blocks and the channel map runs several programs per sample; or F1 stays split
 # and the channel map runs one program per sample (300 channels: too few W1 steps to be
-# worth F1's extra work). Backward: B2, made unsplit where its plan splits it (the
+# worth F1's extra work; 8x8 positions, as F1 reads all of 6x5 in one step of its deep
+# N = 2 tile, plan.deepest_tile, and does not split). Backward: B2, made unsplit where its plan splits it (the
 # channels_last cases), forms dlogits and the W2^T dlogits partials, and the channel map's
 # backward runs several programs per sample. The partials loop over blocks of the 75-150
 # hidden units, or (8-channel NCHW tiles, 120 hidden units, 16-bit and fp32 I/O) take them
@@ -220,7 +221,7 @@ def test_spatial_conv_paths(case, stencil, device, monkeypatch):
 CHANNEL_MAP_CASES = [((2, 600, 6, 5), "nchw", True, True, True),
                      ((2, 480, 9, 9), "nchw", True, True, False),
                      ((1, 520, 6, 6), "channels_last", True, True, True),
-                     ((2, 300, 6, 5), "channels_last", False, True, True)]  # 16-/32-bit I/O
+                     ((2, 300, 8, 8), "channels_last", False, True, True)]  # 16-/32-bit I/O
 
 
 # every pool mode in fp32; the other precisions with the two-branch one
