@@ -125,10 +125,19 @@ def aligned_launch(ints, tensors) -> bool:
     """Whether Triton specializes a launch as aligned: each of `ints` (the kernel's sizes
     aot._DIVISIBLE_INTS names) divisible by 16 or equal to 1 (a constant then), and every
     tensor's address 16-byte aligned. Some kernels take a larger register budget when not
-    (plan.unaligned_budget); the scratch regions are aligned by construction
+    (budget_aligned); the scratch regions are aligned by construction
     (plan.aligned), the input, weights and saved regions are looked at."""
     return (all(i % 16 == 0 or i == 1 for i in ints)
             and all(t.data_ptr() % 16 == 0 for t in tensors))
+
+
+def budget_aligned(kernel_name: str, io_bytes: int, ints, tensors, **config) -> bool:
+    """big_pass_options' `aligned` for a launch of kernel_name: True unless its
+    configuration takes the unaligned register budget (plan.unaligned_budget, with
+    `config`) and Triton specializes the launch as unaligned (aligned_launch; the
+    addresses are looked at only then)."""
+    return (not unaligned_budget(kernel_name, io_bytes, **config)
+            or aligned_launch(ints, tensors))
 
 
 def _or(t, fallback):
@@ -160,9 +169,8 @@ def pool_stats_partials(x, R: int, K: int, k_contig: bool, red: Reduction, scale
                 torch.empty(N, red.splits, R, device=x.device, dtype=torch.int32),
                 torch.empty(N, red.splits, R, device=x.device, dtype=torch.int32))
     ptrs = (x, scale if scale is not None else outs[0], *outs, _or(w1, outs[0]), _or(hpart, outs[0]))
-    aligned = (not unaligned_budget("_pool_stats_kernel", x.element_size(), k_contig=k_contig,
-                                    has_scale=scale is not None)
-               or aligned_launch((R, K, red.k_per_split), ptrs))
+    aligned = budget_aligned("_pool_stats_kernel", x.element_size(), (R, K, red.k_per_split), ptrs,
+                             k_contig=k_contig, has_scale=scale is not None)
     run(_pool_stats_kernel, (N * red.splits * red.r_blocks,),
         (*ptrs, R, K, red.k_per_split, red.r_blocks, red.splits, hidden),
         dict(HAS_SCALE=scale is not None, HID_PARTIAL=hid_partial is not None, POOL=pool,
@@ -379,9 +387,9 @@ def bwd_spatial_pool(x, ca, dsmean, dsmax, smax, sidx, scnt, p_contig: bool, ama
              ACC_DTYPE=_tl_acc(x.dtype), BLOCK_C=block_c, BLOCK_P=block_p,
              NUM_STAGES=loop_stages(p_per_split, block_p), BLOCK_PB=block_pb, BLOCK_H=block_h,
              HID_LOOP=block_h < hidden,
-             **big_pass_options(aligned=not unaligned_budget("_bwd_spatial_pool_kernel",
-                                                             x.element_size(), p_contig=p_contig)
-                                or aligned_launch((C, P, p_per_split), ptrs))))
+             **big_pass_options(aligned=budget_aligned(
+                 "_bwd_spatial_pool_kernel", x.element_size(), (C, P, p_per_split), ptrs,
+                 p_contig=p_contig))))
     return out
 
 
