@@ -205,7 +205,10 @@ def deepest_tile(contig: int, other: int):
     that narrowest of CONTIG_BLOCKS (same elements), so that up to 4x the programs each
     walk the reduced axis in a quarter of the serial steps (1x2048x7x7 channels_last F1:
     16 programs of 7 steps of 8 positions, against 64 of 2 steps of 32). With more rows
-    (64x256x56x56 channels_last) the wide tile's split programs are faster."""
+    (64x256x56x56 channels_last) the wide tile's split programs are faster. B2 in
+    channels_last (b2_blocks) likewise: unsplit where it forms the channel map's partial
+    rows, 1x1024x14x14 walked 196 positions 8 at a time in 8 programs (desk model 15.0
+    us) where 32 programs take 7 steps of 32."""
     elements = contig * other
     return CONTIG_BLOCKS[0], elements // CONTIG_BLOCKS[0]
 
@@ -217,10 +220,12 @@ def b2_blocks(N: int, C: int, P: int, p_contig: bool, dtype, sms: int):
     every step, so a longer walk pays more in narrow steps than it saves in programs,
     and a map the wide tile covers at once gains nothing (desk model, 64x1024x14x14:
     16.6 us narrowed, 29.6 not; 64x512x28x28: 28.7 against 23.9; 64x2048x7x7 official:
-    30.2 against 27.1)."""
+    30.2 against 27.1); in channels_last with few channel blocks, deepest_tile's."""
     block_c, block_p = cp_blocks(C, P, p_contig, dtype)
     if p_contig and block_p < P <= 2 * block_p:
         block_p, block_c = narrowest_tile(block_p, block_c, C, N, sms)
+    elif not p_contig and N * cdiv(C, CONTIG_BLOCKS[0]) <= sms:
+        block_c, block_p = deepest_tile(block_c, block_p)
     return block_c, block_p
 
 
@@ -620,6 +625,34 @@ def channel_map_blocks(partial_elements: int, C: int, P: int, splits: int, unspl
     return splits == 1 or unsplit_steps < (map_steps if map_trips is None else map_trips)
 
 
+def fwd_map_trips(red: Reduction, C: int, hidden: int, dtype) -> int:
+    """Serial round trips of F1's program and then of the per-sample channel-map forward
+    (_channel_gate_fwd_kernel, two layers) after it: F1's steps per split; the map's two
+    walks over the channels (W1, then W2), BLOCK_C channels per step, whose weight tile
+    shrinks as the merge tile of F1's partial rows (all of a channel block's splits at
+    once) grows (phi_tiles)."""
+    block_c = phi_tiles(hidden, True, red.block_s, dtype)[0]
+    return cdiv(red.k_per_split, red.block_k) + 2 * cdiv(C, block_c)
+
+
+def map_balanced_split(f1: Reduction, N: int, C: int, P: int, p_contig: bool, dtype,
+                       sms: int, hidden: int) -> Reduction:
+    """F1 before the per-sample channel map: its splits, or fewer (one per smaller merge
+    tile, MERGE_BLOCKS) where that takes fewer serial round trips in F1 and the map
+    together (fwd_map_trips). Where F1 splits to fill the SMs (small N) each split may be
+    a single step, and the map then merges up to 64 partial rows per channel in narrow
+    channel steps (1x256x56x56: 25 splits of one step, then 16 map steps; 7 splits of
+    four steps, then 4)."""
+    best = f1
+    for splits in MERGE_BLOCKS:
+        if splits >= f1.splits:
+            break
+        red = reduction_plan(N, C, P, p_contig, dtype, sms, splits=splits)
+        if fwd_map_trips(red, C, hidden, dtype) < fwd_map_trips(best, C, hidden, dtype):
+            best = red
+    return best
+
+
 def bwd_map_trips(C: int, block_c: int, b1_p_blocks: int, block_pb: int, b2_splits: int,
                   block_ps2: int) -> int:
     """Serial round trips of the per-sample channel-map backward (_channel_gate_bwd_kernel):
@@ -734,6 +767,9 @@ def block_plan(N: int, C: int, H: int, W: int, hidden: int, two_layers: bool, sp
         f1.r_blocks * 2 * hidden, C, P, f1.splits, cdiv(P, f1.block_k), cdiv(C, phi_block_c))
     if phi_blocks and f1.splits > 1:
         f1 = reduction_plan(N, C, P, p_contig, dtype, sms, splits=1)
+    elif two_layers and not phi_blocks:
+        f1 = map_balanced_split(f1, N, C, P, p_contig, dtype, sms, hidden)
+        phi_block_c, phi_block_h = phi_tiles(hidden, two_layers, f1.block_s, dtype)
     f2 = reduction_plan(N, P, C, not p_contig, dtype, sms, fill=True)
     block_c, block_p = cp_blocks(C, P, p_contig, dtype)
     c_blocks = cdiv(C, block_c)

@@ -263,3 +263,33 @@ def test_channel_map_paths(case, variant, dtype, device, monkeypatch):
         m = m.double()
     x = make_input(shape, dtype, layout, device)
     check_pair(run_pair(m, x), dtype, shape, f"channel map {variant}/{shape}/{layout}")
+
+
+# (shape, layout, variant, dtype) of the per-sample channel map at N = 1 on 132 SMs, hidden
+# = C / 4 (plan.map_balanced_split): 300 channels, F1's 18 one-step splits cut to 6, which
+# the map merges in its 8-row tile beside a wider W1 tile (13 serial round trips in F1 and
+# the map, against 21); 48 channels, F1's 50 splits kept (5 against 6). One variant and
+# dtype each (the interpreter's time).
+PER_SAMPLE_MAP_CASES = [((1, 300, 24, 24), "channels_last", "timm", torch.float32),
+                        ((1, 48, 40, 40), "channels_last", "official", torch.bfloat16)]
+
+
+@pytest.mark.parametrize("case", PER_SAMPLE_MAP_CASES,
+                         ids=lambda c: f"{'x'.join(map(str, c[0]))}-{c[1]}-{c[2]}")
+def test_per_sample_channel_map(case, device, monkeypatch):
+    """The per-sample channel-map forward after F1's balanced split, against the reference."""
+    from cbam_fused import plan as plan_module
+
+    shape, layout, variant, dtype = case
+    N, C, H, W = shape
+    monkeypatch.setattr(plan_module, "INTERPRETER_SM_COUNT", 132)
+    plan = plan_module.block_plan(N, C, H, W, C // 4, True, True, 7, False, dtype, 132)
+    alone = plan_module.reduction_plan(N, C, H * W, False, dtype, 132)
+    assert not plan.phi_blocks
+    if C == 300:
+        assert (alone.splits, plan.f1.splits, plan.f1.block_s, plan.phi_block_c) == (18, 6, 8, 64)
+    else:
+        assert (alone.splits, plan.f1.splits, plan.f1.block_s) == (50, 50, 64)
+    m = make_module(variant, C, device)
+    x = make_input(shape, dtype, layout, device)
+    check_pair(run_pair(m, x), dtype, shape, f"per-sample channel map {variant}/{shape}")
