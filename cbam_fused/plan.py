@@ -14,7 +14,7 @@ import os
 import torch
 import triton
 
-from .kernels.plane import STAGES
+from .kernels.plane import MERGE_ROWS_PER_STEP, STAGES
 
 # Tile: TILE_ELEMENTS elements of the big tensor (half for fp64, whose doubled registers
 # spill otherwise), CONTIG_BLOCKS[i] of them along the contiguous dimension: the smallest
@@ -658,9 +658,17 @@ def bwd_map_trips(C: int, block_c: int, b1_p_blocks: int, block_pb: int, b2_spli
     """Serial round trips of the per-sample channel-map backward (_channel_gate_bwd_kernel):
     per BLOCK_C channels, B1's partial rows BLOCK_PB at a time, B2's BLOCK_PS2 at a time,
     the gate and the W2 slice, then a second walk for W1 (desk model at 1x1024x14x14
-    channels_last: 112 trips, this gives 112)."""
+    channels_last: 112 trips, this gives 112; since then the merges take merge_step_rows
+    rows a round trip)."""
     steps = cdiv(C, block_c)
-    return steps * (2 + cdiv(b1_p_blocks, block_pb) + cdiv(b2_splits, block_ps2))
+    return steps * (2 + cdiv(b1_p_blocks, merge_step_rows(block_pb))
+                    + cdiv(b2_splits, merge_step_rows(block_ps2)))
+
+
+def merge_step_rows(block: int) -> int:
+    """Partial rows a step of a merge loop of BLOCK-row tiles loads at once
+    (kernels/plane.py _sum_partial_rows): MERGE_ROWS_PER_STEP, in whole tiles."""
+    return block * cdiv(MERGE_ROWS_PER_STEP.value, block) if block > 1 else 1
 
 
 def phi_channel_programs(N: int, C: int, sms: int):

@@ -159,7 +159,8 @@ def _bwd_spatial_pool_kernel(
     if DR_PARTIAL:
         if not AMAX:
             ca = tl.load(ca_ptr + n.to(tl.int64) * C + offs_c, mask=mask_c, other=0.0)
-        gc = _sum_partial_rows(gc_part_ptr, n, PB, C, offs_c, mask_c, ACC_DTYPE, BLOCK_PB) + gc2
+        gc = _sum_partial_rows(gc_part_ptr, n, PB, C, offs_c, mask_c, ACC_DTYPE, BLOCK_PB,
+                               BLOCK_PB) + gc2
         dlog = tl.where(mask_c, gc * (ca * (1 - ca)), 0.0)
         tl.store(dlog_ptr + n.to(tl.int64) * C + offs_c, dlog, mask=mask_c)
         _weight_slice_products(w2_ptr, 1, HID, offs_c, mask_c, dlog, dlog, drpart_ptr,

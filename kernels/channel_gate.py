@@ -29,7 +29,7 @@ extra launch.
 import triton
 import triton.language as tl
 
-from .plane import STAGES, _combined_stats, _sum_partial_rows
+from .plane import MERGE_ROWS_PER_STEP, STAGES, _combined_stats, _sum_partial_rows
 
 
 @triton.jit
@@ -392,10 +392,11 @@ def _channel_gate_bwd_kernel(
     for c0 in tl.range(0, C, BLOCK_C, num_stages=STAGES):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
-        gc = _sum_partial_rows(gc_part_ptr, n, PB, C, offs_c, mask_c, ACC_DTYPE, BLOCK_PB)
+        gc = _sum_partial_rows(gc_part_ptr, n, PB, C, offs_c, mask_c, ACC_DTYPE, BLOCK_PB,
+                               MERGE_ROWS_PER_STEP)
         if HAS_GC2:
             gc = gc + _sum_partial_rows(gc2_part_ptr, n, PS2, C, offs_c, mask_c, ACC_DTYPE,
-                                        BLOCK_PS2)
+                                        BLOCK_PS2, MERGE_ROWS_PER_STEP)
         ca = tl.load(ca_ptr + row + offs_c, mask=mask_c, other=0.0)
         dlog = gc * (ca * (1 - ca))
         tl.store(dlog_ptr + row + offs_c, dlog, mask=mask_c)

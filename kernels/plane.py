@@ -26,6 +26,8 @@ import triton.language as tl
 # iterations (cp.async into shared memory) while the current one computes, so a loop of T
 # steps waits on about T / STAGES memory round trips instead of T.
 STAGES = tl.constexpr(3)
+# Partial rows one step of a small map's merge loop loads at once (_sum_partial_rows)
+MERGE_ROWS_PER_STEP = tl.constexpr(32)
 
 # Sentinel index for "no element seen yet"; larger than any valid row length.
 NO_INDEX = tl.constexpr(2147483647)
@@ -142,16 +144,20 @@ def _sum_pairs(part_ptr, num_parts, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr
 
 @triton.jit
 def _sum_partial_rows(part_ptr, n, num_parts, R, offs_r, mask_r, ACC_DTYPE: tl.constexpr,
-                      BLOCK: tl.constexpr):
-    """sum_b part[n, b, r] for the rows offs_r of part_ptr ([N, num_parts, R]), BLOCK
-    partial rows at a time, in a fixed order: the merge of a split reduction's sums.
+                      BLOCK: tl.constexpr, STEP_ROWS: tl.constexpr):
+    """sum_b part[n, b, r] for the rows offs_r of part_ptr ([N, num_parts, R]), in tiles
+    of whole BLOCKs of partial rows, in a fixed order: the merge of a split reduction's sums.
     BLOCK == 1 means one row (plan.merge_block): a plain load, no loop (a loop of one step
-    would cost its own memory round trip)."""
+    would cost its own memory round trip). A step of the loop loads STEP_ROWS rows at once
+    in whole BLOCKs (the small maps: MERGE_ROWS_PER_STEP, so that a merge of B1's 25-98
+    rows per sample waits on one to four round trips, not 4-13; a big pass, whose
+    registers keep its programs resident: BLOCK)."""
     if BLOCK == 1:
         return tl.load(part_ptr + n.to(tl.int64) * R + offs_r, mask=mask_r, other=0.0)
+    ROWS: tl.constexpr = BLOCK * ((STEP_ROWS + BLOCK - 1) // BLOCK)
     acc = tl.zeros(offs_r.shape, ACC_DTYPE)
-    for b0 in range(0, num_parts, BLOCK):
-        offs_b = b0 + tl.arange(0, BLOCK)
+    for b0 in range(0, num_parts, ROWS):
+        offs_b = b0 + tl.arange(0, ROWS)
         m = mask_r[:, None] & (offs_b[None, :] < num_parts)
         part = tl.load(part_ptr + ((n.to(tl.int64) * num_parts + offs_b[None, :]) * R
                                    + offs_r[:, None]), mask=m, other=0.0)

@@ -34,7 +34,8 @@ once: as a stencil (_bwd_conv_taps) or, for few positions, in one [BLOCK_Q, k*k]
 import triton
 import triton.language as tl
 
-from .plane import STAGES, _combine_moments, _combined_stats, _scalar, _sum_pairs, _sum_partial_rows
+from .plane import (MERGE_ROWS_PER_STEP, STAGES, _combine_moments, _combined_stats, _scalar,
+                    _sum_pairs, _sum_partial_rows)
 
 
 @triton.jit
@@ -257,7 +258,8 @@ def _spatial_gate_bwd_stats_kernel(
     for p0 in range(o0, o1, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         mask_p = offs_p < o1
-        gs = _sum_partial_rows(gs_part_ptr, n, CS, P, offs_p, mask_p, ACC_DTYPE, BLOCK_CS)
+        gs = _sum_partial_rows(gs_part_ptr, n, CS, P, offs_p, mask_p, ACC_DTYPE, BLOCK_CS,
+                               MERGE_ROWS_PER_STEP)
         sa = tl.load(sa_ptr + row + offs_p, mask=mask_p, other=0.0)
         ds = gs * (sa * (1 - sa))
         tl.store(ds_ptr + row + offs_p, ds, mask=mask_p)
