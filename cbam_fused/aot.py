@@ -264,7 +264,7 @@ def _small_map_configs(acc_dtypes):
                         POOL_ORDER=[0, 1, 2], HAS_CONV_BIAS=[False, True])) for bn in bn_sets
                     for s in (True, False)]
         psi_sets += [dict(POOL_ORDER=0, HAS_CONV_BIAS=True, BN_MODE=2, HAS_BN_W=True,
-                          HAS_BN_B=True, **conv(k, s)) for k in (3, 5) for s in (True, False)]
+                          HAS_BN_B=True, **conv(k, s)) for k in (1, 3, 5) for s in (True, False)]
         add(_spatial_gate_fwd_kernel, dtype, acc, psi_sets,
             dict(POOL_ORDER=0, HAS_CONV_BIAS=True, BN_MODE=1, HAS_BN_W=True, HAS_BN_B=True,
                  **conv(7)), psi_tiles)
@@ -274,7 +274,7 @@ def _small_map_configs(acc_dtypes):
                          **bwd_conv(7, n)) for o in (0, 1, 2) for bn in bn_sets
                     for n in (1, stencil_q)]
         bwd_sets += [dict(POOL_ORDER=0, BN_MODE=2, HAS_BN_W=True, **bwd_conv(k, n))
-                     for k in (3, 5) for n in (1, stencil_q)]
+                     for k in (1, 3, 5) for n in (1, stencil_q)]
         heavy_bwd = dict(POOL_ORDER=0, BN_MODE=2, HAS_BN_W=True)
         add(_spatial_gate_bwd_kernel, dtype, acc, bwd_sets, dict(heavy_bwd, **bwd_conv(7)),
             [dict(BLOCK_PARTS=PL.bn_parts_block(dtype))])

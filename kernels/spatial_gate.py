@@ -420,38 +420,60 @@ def _bwd_conv_taps(ds_ptr, u_ptr, smean_ptr, smax_ptr, w_ptr, group_rows, lead, 
     warp), returned, and the weight gradient entries sum_p du[p] z_m[p + off(T)] of every
     tap T, one partial sum per group, stored at group_rows + m * KK + T where lead (the
     group's first position): per tap a sum within each warp, no block-wide reduction.
-    A stencil: per row of the window (a loop, so only that row's weights are live), its
-    k taps unrolled, each one load of du's inputs and of each conv input map at the
-    shifted positions (constant offsets from the row's pointers) and two multiply-adds
-    per position. The window is symmetric (off(KK - 1 - t) = -off(t)), so the transposed
+    A stencil: per row of the window (_bwd_conv_row, in a loop, so only two rows' weights
+    are live), its k taps unrolled, each one load of du's inputs and of each conv input
+    map at the shifted positions (constant offsets from the row's pointers) and two
+    multiply-adds per position. The window is symmetric (off(KK - 1 - t) = -off(t)), so the transposed
     conv dz[p] = sum_t w[t] du[p - off(t)] = sum_t w[KK - 1 - t] du[p + off(t)] reads the
     same shifted positions as the weight gradient, with flipped weights."""
-    KK: tl.constexpr = KSIZE * KSIZE
-    M: tl.constexpr = 1 if POOL_ORDER == 2 else 2
     py = offs_p // W
     px = offs_p - py * W
     dz0 = tl.zeros(offs_p.shape, ACC_DTYPE)
     dz1 = tl.zeros(offs_p.shape, ACC_DTYPE)
-    for ty in range(KSIZE):  # a loop: unrolled, the window's weights crowd the registers (spills)
-        dy = ty - KSIZE // 2
-        # one unsigned compare per axis: a row or column before 0 wraps to a large value
-        row_ok = mask_p & ((py + dy).to(tl.uint32) < tl.cast(H, tl.uint32))
-        q_row = offs_p + dy * W
-        # pointers at the row's positions: each tap adds a constant (an address immediate)
-        ds_row, u_row = ds_ptr + q_row, u_ptr + q_row
-        smean_row, smax_row = smean_ptr + q_row, smax_ptr + q_row
-        for tx in tl.static_range(KSIZE):
-            dx = tx - KSIZE // 2
-            valid = row_ok & ((px + dx).to(tl.uint32) < tl.cast(W, tl.uint32))
-            tap = ty * KSIZE + tx
-            d = _du(ds_row, u_row, dx, valid, mean, invstd, scale, mean_dy, mean_dyu, BN_MODE)
-            wf = w_ptr + (KK - 1 - tap)
-            dz0 += tl.load(wf).to(ACC_DTYPE) * d
-            z0, z1 = _conv_inputs(smean_row, smax_row, dx, valid, POOL_ORDER)
-            tl.store(group_rows + tap, _group_sums(du_p * z0), mask=lead)
-            if M == 2:
-                dz1 += tl.load(wf + KK).to(ACC_DTYPE) * d
-                tl.store(group_rows + (KK + tap), _group_sums(du_p * z1), mask=lead)
+    # a loop over the window's rows: unrolled, the window's weights crowd the registers
+    # (spills); two rows a step, whose loads are independent and issue together (k odd:
+    # row 0 first, on its own)
+    dz0, dz1 = _bwd_conv_row(0, dz0, dz1, ds_ptr, u_ptr, smean_ptr, smax_ptr, w_ptr,
+                             group_rows, lead, offs_p, mask_p, py, px, du_p, H, W, mean,
+                             invstd, scale, mean_dy, mean_dyu, BN_MODE, POOL_ORDER, KSIZE,
+                             ACC_DTYPE)
+    for ty in range(1, KSIZE, 2):
+        for j in tl.static_range(2):
+            dz0, dz1 = _bwd_conv_row(ty + j, dz0, dz1, ds_ptr, u_ptr, smean_ptr, smax_ptr,
+                                     w_ptr, group_rows, lead, offs_p, mask_p, py, px, du_p,
+                                     H, W, mean, invstd, scale, mean_dy, mean_dyu, BN_MODE,
+                                     POOL_ORDER, KSIZE, ACC_DTYPE)
+    return dz0, dz1
+
+
+@triton.jit
+def _bwd_conv_row(ty, dz0, dz1, ds_ptr, u_ptr, smean_ptr, smax_ptr, w_ptr, group_rows, lead,
+                  offs_p, mask_p, py, px, du_p, H, W, mean, invstd, scale, mean_dy, mean_dyu,
+                  BN_MODE: tl.constexpr, POOL_ORDER: tl.constexpr, KSIZE: tl.constexpr,
+                  ACC_DTYPE: tl.constexpr):
+    """Row ty of _bwd_conv_taps' window: its k taps unrolled, (dz0, dz1) with their terms
+    added, and their weight-gradient entries stored."""
+    KK: tl.constexpr = KSIZE * KSIZE
+    M: tl.constexpr = 1 if POOL_ORDER == 2 else 2
+    dy = ty - KSIZE // 2
+    # one unsigned compare per axis: a row or column before 0 wraps to a large value
+    row_ok = mask_p & ((py + dy).to(tl.uint32) < tl.cast(H, tl.uint32))
+    q_row = offs_p + dy * W
+    # pointers at the row's positions: each tap adds a constant (an address immediate)
+    ds_row, u_row = ds_ptr + q_row, u_ptr + q_row
+    smean_row, smax_row = smean_ptr + q_row, smax_ptr + q_row
+    for tx in tl.static_range(KSIZE):
+        dx = tx - KSIZE // 2
+        valid = row_ok & ((px + dx).to(tl.uint32) < tl.cast(W, tl.uint32))
+        tap = ty * KSIZE + tx
+        d = _du(ds_row, u_row, dx, valid, mean, invstd, scale, mean_dy, mean_dyu, BN_MODE)
+        wf = w_ptr + (KK - 1 - tap)
+        dz0 += tl.load(wf).to(ACC_DTYPE) * d
+        z0, z1 = _conv_inputs(smean_row, smax_row, dx, valid, POOL_ORDER)
+        tl.store(group_rows + tap, _group_sums(du_p * z0), mask=lead)
+        if M == 2:
+            dz1 += tl.load(wf + KK).to(ACC_DTYPE) * d
+            tl.store(group_rows + (KK + tap), _group_sums(du_p * z1), mask=lead)
     return dz0, dz1
 
 

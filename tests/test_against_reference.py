@@ -166,9 +166,11 @@ def test_plan_of_a_large_gpu(case, layout, device, monkeypatch):
 # on a 23 x 19 map on one SM: one program of 437 positions per sample (the forward's
 # stencil in two steps with a short last one, the backward's in one of 512), or, at
 # most 256, two of 12 and 11 rows (the halo crosses programs; backward steps of 256);
-# gathers: 14 or 8 steps. Every conv input mode.
+# gathers: 14 or 8 steps. Every conv input mode; kernel sizes 1 (the backward stencil's
+# first window row alone) to 7 (that row, then pairs of rows).
 PSI_CONV_CASES = [("official", 7, torch.float32, 256), ("timm", 7, torch.bfloat16, 512),
-                  ("timm_light", 3, torch.float32, 256), ("official", 5, torch.float64, 512)]
+                  ("timm_light", 3, torch.float32, 256), ("official", 5, torch.float64, 512),
+                  ("timm", 1, torch.float32, 256)]
 
 
 @pytest.mark.parametrize("stencil", [True, False], ids=["stencil", "gathers"])
