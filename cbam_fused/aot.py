@@ -129,9 +129,25 @@ def _unaligned(builds):
                 _keep_heaviest(per_tile, (b.kernel, b.dtype, layout, tile), weight, b)
         _keep_heaviest(per_layout, (b.kernel, b.dtype, layout), weight, b)
     ints = every + [b for _, b in per_tile.values()]
+    # F1/F2 with a contiguous extent that is a multiple of 4 (plan.row_align: 14x14
+    # maps): vector loads, so other registers; the build with the most flags on per
+    # tile, layout, pass (HAS_SCALE) and partial rows
+    row_aligned = {}
+    for b in every:
+        if b.kernel.fn.__name__ == "_pool_stats_kernel":
+            cx = dict(b.constexprs)
+            weight, layout, tile = _traits(b)
+            _keep_heaviest(row_aligned, (b.dtype, layout, tile, cx["HAS_SCALE"],
+                                         cx["HID_PARTIAL"]), weight, b)
+    ints += [_with_constexprs(b, ROW_ALIGN=4) for _, b in row_aligned.values()]
     return ([dataclasses.replace(b, unaligned=("ints",)) for b in ints]
             + [dataclasses.replace(b, unaligned=odd) for _, b in per_layout.values()
                for odd in (("ptrs",), ("ints", "ptrs"))])
+
+
+def _with_constexprs(b, **changes):
+    """Build b with some constexprs changed."""
+    return dataclasses.replace(b, constexprs=tuple(sorted(dict(b.constexprs, **changes).items())))
 
 
 def _traits(b):
@@ -340,7 +356,8 @@ def launch_configs(dtypes=DTYPES):
                 for st, tail in itertools.product(stages, (True, False)):
                     add(_pool_stats_kernel, dtype, HAS_SCALE=has_scale, HID_PARTIAL=hid_partial,
                         POOL=pool, K_CONTIG=k_contig, BLOCK_R=block_r, BLOCK_K=block_k,
-                        HAS_TAIL=tail, NUM_STAGES=st, BLOCK_H=block_h, HID_LOOP=loop)
+                        HAS_TAIL=tail, NUM_STAGES=st, ROW_ALIGN=1, BLOCK_H=block_h,
+                        HID_LOOP=loop)
         for p_contig, contig, other in _tile_variants(dtype):
             block_c, block_p = (other, contig) if p_contig else (contig, other)
             blk = dict(P_CONTIG=p_contig, BLOCK_C=block_c, BLOCK_P=block_p)

@@ -32,7 +32,7 @@ from .plan import (CONV_GRAD_BLOCK, NUM_WARPS, SMALL_MAXNREG, SMALL_NUM_WARPS,
                    Reduction, acc_dtype, b1_blocks, b2_blocks, b3_rows, b3_rows_options,
                    big_pass_options, cdiv, unaligned_budget,
                    channel_split, bn_parts_block, cp_blocks, elementwise_position_groups,
-                   loop_stages, position_split, psi_bwd_options, reduction_plan, sm_count,
+                   loop_stages, position_split, psi_bwd_options, reduction_plan, row_align, sm_count,
                    weight_grad_rows, weight_grad_samples)
 
 # launch options of the small-map kernels (plan.py)
@@ -176,7 +176,7 @@ def pool_stats_partials(x, R: int, K: int, k_contig: bool, red: Reduction, scale
         dict(HAS_SCALE=scale is not None, HID_PARTIAL=hid_partial is not None, POOL=pool,
              K_CONTIG=k_contig, ACC_DTYPE=_tl_acc(x.dtype),
              BLOCK_R=red.block_r, BLOCK_K=red.block_k, HAS_TAIL=K % red.block_k != 0,
-             NUM_STAGES=red.stages, BLOCK_H=block_h,
+             NUM_STAGES=red.stages, ROW_ALIGN=row_align(K if k_contig else R), BLOCK_H=block_h,
              HID_LOOP=block_h < hidden, **big_pass_options(hid_partial is not None, k_contig,
                                                            x.element_size(), aligned)))
     return outs

@@ -149,6 +149,14 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def row_align(contig_extent: int) -> int:
+    """The ROW_ALIGN hint of a plane whose contiguous extent is this (kernels/plane.py
+    _plane_offsets): 4 where it is a multiple of 4 but not of 16 (14x14 maps: 196), so
+    that rows start on 8-byte (16-bit I/O) or 16-byte (fp32) boundaries; else 1 (Triton
+    knows multiples of 16 itself, and an odd extent, 7x7, allows no vectors)."""
+    return 4 if contig_extent % 16 and contig_extent % 4 == 0 else 1
+
+
 def cp_blocks(C: int, P: int, p_contig: bool, dtype):
     """(BLOCK_C, BLOCK_P) of the big passes over the C x H*W plane (F3, B1, B2, B3)."""
     contig, other = tile_config(P if p_contig else C, dtype)

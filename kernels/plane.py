@@ -34,12 +34,32 @@ NO_INDEX = tl.constexpr(2147483647)
 
 
 @triton.jit
-def _plane_offsets(offs_r, offs_k, R, K, K_CONTIG: tl.constexpr):
-    """int64 offsets [BLOCK_R, BLOCK_K] of elements (offs_r, offs_k) in one plane."""
+def _plane_offsets(offs_r, offs_k, R, K, K_CONTIG: tl.constexpr, ROW_ALIGN: tl.constexpr = 1):
+    """int64 offsets [BLOCK_R, BLOCK_K] of elements (offs_r, offs_k) in one plane.
+    ROW_ALIGN: a number of elements the contiguous extent (K or R) is known to be a
+    multiple of, where Triton does not know it (it knows multiples of 16): each row then
+    starts on that boundary, and loads along it can be vectors of that many elements."""
     if K_CONTIG:
-        return offs_r[:, None].to(tl.int64) * K + offs_k[None, :]
+        rows = offs_r.to(tl.int64) * K
+        if ROW_ALIGN > 1:
+            rows = tl.multiple_of(rows, ROW_ALIGN)
+        return rows[:, None] + offs_k[None, :]
     else:
-        return offs_k[None, :].to(tl.int64) * R + offs_r[:, None]
+        rows = offs_k.to(tl.int64) * R
+        if ROW_ALIGN > 1:
+            rows = tl.multiple_of(rows, ROW_ALIGN)
+        return rows[None, :] + offs_r[:, None]
+
+
+@triton.jit
+def _below(offs, end, ALIGN: tl.constexpr):
+    """offs < end for offsets along a contiguous axis whose end is a multiple of ALIGN
+    (ROW_ALIGN): compared ALIGN elements at a time, so that Triton sees the mask constant
+    over each aligned group and keeps vector loads (offs < end alone would be a mask per
+    element: it does not carry a hint on end)."""
+    if ALIGN > 1:
+        return (offs // ALIGN) < (end // ALIGN)
+    return offs < end
 
 
 @triton.jit

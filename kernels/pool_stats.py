@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .channel_gate import _mlp_inputs, _weight_slice_products
-from .plane import NO_INDEX, _finalize_max_stats, _plane_offsets
+from .plane import NO_INDEX, _below, _finalize_max_stats, _plane_offsets
 
 
 @triton.jit
@@ -80,6 +80,7 @@ def _pool_stats_kernel(
     BLOCK_K: tl.constexpr,
     HAS_TAIL: tl.constexpr,    # K % BLOCK_K != 0: the last split ends in a short tile
     NUM_STAGES: tl.constexpr,  # software-pipelining depth of the K loop (1: none)
+    ROW_ALIGN: tl.constexpr,   # the contiguous extent's known divisor (plane._plane_offsets)
     BLOCK_H: tl.constexpr,     # hidden units per step of the layer-1 partial (HID_PARTIAL)
     HID_LOOP: tl.constexpr,    # BLOCK_H < HID: the partial loops over hidden blocks
 ):
@@ -100,7 +101,7 @@ def _pool_stats_kernel(
     n = pid // (num_r_blocks * num_splits)
 
     offs_r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_r = offs_r < R
+    mask_r = offs_r < R  # (F2 in NCHW: a mask per element; _below's costs more in the SASS)
     x_base = x_ptr + n.to(tl.int64) * R * K
     k_start = s * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
@@ -116,7 +117,7 @@ def _pool_stats_kernel(
     acc_cnt = tl.zeros([BLOCK_R, BLOCK_K], tl.int32)
     for k0 in tl.range(k_start, k_full_end, BLOCK_K, num_stages=NUM_STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        v = tl.load(x_base + _plane_offsets(offs_r, offs_k, R, K, K_CONTIG),
+        v = tl.load(x_base + _plane_offsets(offs_r, offs_k, R, K, K_CONTIG, ROW_ALIGN),
                     mask=mask_r[:, None], other=0.0)
         acc_sum, acc_max, acc_tile, acc_cnt = _running_stats_step(
             v, scale_ptr, n, K, offs_k, k0, offs_k < k_end, acc_sum, acc_max, acc_tile, acc_cnt,
@@ -124,8 +125,8 @@ def _pool_stats_kernel(
     if HAS_TAIL:
         if k_full_end < k_end:
             offs_k = k_full_end + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < k_end
-            v = tl.load(x_base + _plane_offsets(offs_r, offs_k, R, K, K_CONTIG),
+            mask_k = _below(offs_k, k_end, ROW_ALIGN) if K_CONTIG else offs_k < k_end
+            v = tl.load(x_base + _plane_offsets(offs_r, offs_k, R, K, K_CONTIG, ROW_ALIGN),
                         mask=mask_r[:, None] & mask_k[None, :], other=0.0)
             acc_sum, acc_max, acc_tile, acc_cnt = _running_stats_step(
                 v, scale_ptr, n, K, offs_k, k_full_end, mask_k, acc_sum, acc_max, acc_tile,

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import cbam_fused.launchers as L
+from cbam_fused.plan import row_align
 from cbam_fused.spec import CBAMWeights
 
 from helpers import assert_close
@@ -35,12 +36,16 @@ def _assert_sums_close(s, want, length, what):
     assert_close(s[finite], want[finite], torch.float32, length, what)
 
 
+@pytest.mark.parametrize("hw", [(9, 17), (14, 14)], ids=["9x17", "14x14"])
 @pytest.mark.parametrize("splits", [1, 3, 64])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_channel_and_spatial_stats(splits, layout, device):
+def test_channel_and_spatial_stats(splits, layout, hw, device):
     """F1 and F2 on their own: the partial statistics of each split (the merge runs in
-    the small-map kernels and is checked end to end in test_launches.py)."""
-    N, C, H, W = 2, 40, 9, 17
+    the small-map kernels and is checked end to end in test_launches.py). A 14x14 map's
+    196 positions are a multiple of 4, not of 16: in NCHW its rows are read with the
+    ROW_ALIGN hint (plan.row_align), the last tile of a split masked 4 columns at a time."""
+    N, C, (H, W) = 2, 40, hw
+    assert row_align(H * W) == (4 if hw == (14, 14) else 1)
     x = torch.randn(N, C, H, W, device=device)
     x[0, 3, 2, :5] = 7.0     # a tied channel max (5 positions)
     x[1, :, 4, 4] = 9.0      # a tied spatial max (every channel of one position)
