@@ -129,20 +129,29 @@ def _unaligned(builds):
                 _keep_heaviest(per_tile, (b.kernel, b.dtype, layout, tile), weight, b)
         _keep_heaviest(per_layout, (b.kernel, b.dtype, layout), weight, b)
     ints = every + [b for _, b in per_tile.values()]
-    # F1/F2 with a contiguous extent that is a multiple of 4 (plan.row_align: 14x14
-    # maps): vector loads, so other registers; the build with the most flags on per
-    # tile, layout, pass (HAS_SCALE) and partial rows
+    # NCHW launches over maps whose H*W is a multiple of 4 but not of 16 (plan.row_align:
+    # 14x14): vector access, so other registers; per kernel, dtype and tile (F1/F2: also
+    # pass and partial rows) the build with the most flags on
     row_aligned = {}
-    for b in every:
-        if b.kernel.fn.__name__ == "_pool_stats_kernel":
-            cx = dict(b.constexprs)
-            weight, layout, tile = _traits(b)
-            _keep_heaviest(row_aligned, (b.dtype, layout, tile, cx["HAS_SCALE"],
-                                         cx["HID_PARTIAL"]), weight, b)
+    for b in ints:
+        cx = dict(b.constexprs)
+        if "ROW_ALIGN" not in cx or not _positions_contiguous(cx):
+            continue
+        weight, _, tile = _traits(b)
+        _keep_heaviest(row_aligned, (b.kernel, b.dtype, tile, cx.get("HAS_SCALE"),
+                                     cx.get("HID_PARTIAL")), weight, b)
     ints += [_with_constexprs(b, ROW_ALIGN=4) for _, b in row_aligned.values()]
     return ([dataclasses.replace(b, unaligned=("ints",)) for b in ints]
             + [dataclasses.replace(b, unaligned=odd) for _, b in per_layout.values()
                for odd in (("ptrs",), ("ints", "ptrs"))])
+
+
+def _positions_contiguous(cx: dict) -> bool:
+    """Whether a big pass's build reads positions along its contiguous axis (NCHW): F2
+    (HAS_SCALE) where K, the channels, is the strided axis, F1 where K is contiguous."""
+    if "K_CONTIG" in cx:
+        return cx["K_CONTIG"] != cx["HAS_SCALE"]
+    return cx["P_CONTIG"]
 
 
 def _with_constexprs(b, **changes):
@@ -337,6 +346,7 @@ def launch_configs(dtypes=DTYPES):
 
     def add(kernel, dtype, **cx):
         cx["ACC_DTYPE"] = tl.float64 if dtype == torch.float64 else tl.float32
+        cx.setdefault("ROW_ALIGN", 1)  # every big pass: no hint (plan.row_align, _unaligned)
         builds.append(Build(kernel, dtype, tuple(sorted(cx.items()))))
 
     for dtype in dtypes:
@@ -356,8 +366,7 @@ def launch_configs(dtypes=DTYPES):
                 for st, tail in itertools.product(stages, (True, False)):
                     add(_pool_stats_kernel, dtype, HAS_SCALE=has_scale, HID_PARTIAL=hid_partial,
                         POOL=pool, K_CONTIG=k_contig, BLOCK_R=block_r, BLOCK_K=block_k,
-                        HAS_TAIL=tail, NUM_STAGES=st, ROW_ALIGN=1, BLOCK_H=block_h,
-                        HID_LOOP=loop)
+                        HAS_TAIL=tail, NUM_STAGES=st, BLOCK_H=block_h, HID_LOOP=loop)
         for p_contig, contig, other in _tile_variants(dtype):
             block_c, block_p = (other, contig) if p_contig else (contig, other)
             blk = dict(P_CONTIG=p_contig, BLOCK_C=block_c, BLOCK_P=block_p)

@@ -147,6 +147,12 @@ def _or(t, fallback):
 
 # ---------------------------------------------------------------- F1, F2
 
+def row_align_of(R: int, K: int, k_contig: bool, has_scale: bool) -> int:
+    """plan.row_align of F1 (R = C, K = H*W, positions contiguous in NCHW) or F2 (scaled:
+    R = H*W, K = C, positions contiguous where K is not)."""
+    return row_align(K, k_contig) if not has_scale else row_align(R, not k_contig)
+
+
 def pool_stats_partials(x, R: int, K: int, k_contig: bool, red: Reduction, scale=None,
                         outs=None, hid_partial=None, run=jit_launch):
     """Per split s of the K axis: sum, max, first argmax and tie count over the split's
@@ -176,7 +182,8 @@ def pool_stats_partials(x, R: int, K: int, k_contig: bool, red: Reduction, scale
         dict(HAS_SCALE=scale is not None, HID_PARTIAL=hid_partial is not None, POOL=pool,
              K_CONTIG=k_contig, ACC_DTYPE=_tl_acc(x.dtype),
              BLOCK_R=red.block_r, BLOCK_K=red.block_k, HAS_TAIL=K % red.block_k != 0,
-             NUM_STAGES=red.stages, ROW_ALIGN=row_align(K if k_contig else R), BLOCK_H=block_h,
+             NUM_STAGES=red.stages, ROW_ALIGN=row_align_of(R, K, k_contig, scale is not None),
+             BLOCK_H=block_h,
              HID_LOOP=block_h < hidden, **big_pass_options(hid_partial is not None, k_contig,
                                                            x.element_size(), aligned)))
     return outs
@@ -315,7 +322,7 @@ def gate_apply(x, ca, p_contig: bool, sa=None, u=None, mom=None, num_parts=0, bn
              TRACK=bool(track and rm is not None), HAS_NBT=bool(track and nbt is not None),
              P_CONTIG=p_contig, ACC_DTYPE=_tl_acc(x.dtype),
              BLOCK_C=block_c, BLOCK_P=block_p, LOOP=p_per_program > block_p,
-             num_warps=NUM_WARPS))
+             ROW_ALIGN=row_align(P, p_contig), num_warps=NUM_WARPS))
     return out
 
 
@@ -347,7 +354,7 @@ def bwd_gate_sums(g, x, ca, sa, p_contig: bool, splits=None, gs_part=None, gc_pa
          C, P, c_per_split, npb, splits),
         dict(HAS_SA=has_sa, P_CONTIG=p_contig, ACC_DTYPE=_tl_acc(x.dtype),
              BLOCK_C=block_c, BLOCK_P=block_p, NUM_STAGES=loop_stages(c_per_split, block_c),
-             num_warps=NUM_WARPS))
+             ROW_ALIGN=row_align(P, p_contig), num_warps=NUM_WARPS))
     return (gs_part if has_sa else None), gc_part
 
 
@@ -385,7 +392,8 @@ def bwd_spatial_pool(x, ca, dsmean, dsmax, smax, sidx, scnt, p_contig: bool, ama
         (*ptrs, C, P, p_per_split, ncb, splits, pb, hidden),
         dict(AMAX=amax, DR_PARTIAL=dr_partial is not None, P_CONTIG=p_contig,
              ACC_DTYPE=_tl_acc(x.dtype), BLOCK_C=block_c, BLOCK_P=block_p,
-             NUM_STAGES=loop_stages(p_per_split, block_p), BLOCK_PB=block_pb, BLOCK_H=block_h,
+             NUM_STAGES=loop_stages(p_per_split, block_p), ROW_ALIGN=row_align(P, p_contig),
+             BLOCK_PB=block_pb, BLOCK_H=block_h,
              HID_LOOP=block_h < hidden,
              **big_pass_options(aligned=budget_aligned(
                  "_bwd_spatial_pool_kernel", x.element_size(), (C, P, p_per_split), ptrs,
@@ -428,7 +436,8 @@ def bwd_input(g, x, ca, sa, dsmean, dsmax, smax, sidx, scnt, davg, dmx, mx, cidx
         run(_bwd_input_rows_kernel, (N * k_blocks * r_groups,),
             (g, x, ca, *sp, davg, dmx, mx, cidx, ccnt, dx, C, P, k_blocks, r_groups),
             dict(HAS_SA=has_sa, AMAX=amax, P_CONTIG=p_contig, ACC_DTYPE=_tl_acc(x.dtype),
-                 BLOCK_K=block_k, STEPS=steps, **b3_rows_options()))
+                 BLOCK_K=block_k, STEPS=steps, ROW_ALIGN=row_align(P, p_contig),
+                 **b3_rows_options()))
         return dx
     block_c, block_p, ncb = big_pass_tiles(x, p_contig, plan)
     groups, p_per_program = elementwise_groups(x, p_contig, plan, blocks_per_program)
@@ -436,7 +445,7 @@ def bwd_input(g, x, ca, sa, dsmean, dsmax, smax, sidx, scnt, davg, dmx, mx, cidx
         (g, x, ca, *sp, davg, dmx, mx, cidx, ccnt, dx, C, P, ncb, groups, p_per_program),
         dict(HAS_SA=has_sa, AMAX=amax, P_CONTIG=p_contig, ACC_DTYPE=_tl_acc(x.dtype),
              BLOCK_C=block_c, BLOCK_P=block_p, LOOP=p_per_program > block_p,
-             num_warps=NUM_WARPS))
+             ROW_ALIGN=row_align(P, p_contig), num_warps=NUM_WARPS))
     return dx
 
 

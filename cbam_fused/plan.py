@@ -149,12 +149,14 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def row_align(contig_extent: int) -> int:
-    """The ROW_ALIGN hint of a plane whose contiguous extent is this (kernels/plane.py
-    _plane_offsets): 4 where it is a multiple of 4 but not of 16 (14x14 maps: 196), so
-    that rows start on 8-byte (16-bit I/O) or 16-byte (fp32) boundaries; else 1 (Triton
-    knows multiples of 16 itself, and an odd extent, 7x7, allows no vectors)."""
-    return 4 if contig_extent % 16 and contig_extent % 4 == 0 else 1
+def row_align(P: int, p_contig: bool) -> int:
+    """The ROW_ALIGN hint of the big passes over a map of P = H*W positions (kernels/
+    plane.py _plane_offsets): in NCHW, 4 where P is a multiple of 4 but not of 16 (14x14
+    maps: 196), so that each channel's row starts on an 8-byte (16-bit I/O) or 16-byte
+    (fp32) boundary and loads along it are vectors; else 1 (Triton knows multiples of 16
+    itself, and an odd P, 7x7, allows no vectors). Channels_last rows are C long,
+    almost always a multiple of 16: no hint (and no builds for one, aot._unaligned)."""
+    return 4 if p_contig and P % 16 and P % 4 == 0 else 1
 
 
 def cp_blocks(C: int, P: int, p_contig: bool, dtype):

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .channel_gate import _weight_slice_products
-from .plane import (STAGES, _elementwise_program, _plane_offsets, _plane_tile,
+from .plane import (STAGES, _below, _elementwise_program, _plane_offsets, _plane_tile,
                     _sum_partial_rows)
 
 
@@ -43,6 +43,7 @@ def _bwd_gate_sums_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
     NUM_STAGES: tl.constexpr,  # software-pipelining depth of the loop (1: none)
+    ROW_ALIGN: tl.constexpr,   # NCHW: H*W's known divisor (plane._plane_offsets)
 ):
     """One program owns a block of positions and a range of channels:
          gs_part[cs, p]  = sum_{c in split cs} g*x*ca[c]
@@ -55,7 +56,7 @@ def _bwd_gate_sums_kernel(
     n = pid // (num_p_blocks * num_c_splits)
 
     offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < P
+    mask_p = _below(offs_p, P, ROW_ALIGN)  # ROW_ALIGN > 1 in NCHW only (plan.row_align)
     base = n.to(tl.int64) * C * P
     if HAS_SA:
         sa = tl.load(sa_ptr + n.to(tl.int64) * P + offs_p, mask=mask_p, other=0.0)
@@ -66,7 +67,7 @@ def _bwd_gate_sums_kernel(
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < c_end
         mask = mask_c[:, None] & mask_p[None, :]
-        plane = base + _plane_offsets(offs_c, offs_p, C, P, P_CONTIG)
+        plane = base + _plane_offsets(offs_c, offs_p, C, P, P_CONTIG, ROW_ALIGN)
         g = tl.load(g_ptr + plane, mask=mask, other=0.0).to(ACC_DTYPE)
         x = tl.load(x_ptr + plane, mask=mask, other=0.0).to(ACC_DTYPE)
         ca = tl.load(ca_ptr + n.to(tl.int64) * C + offs_c, mask=mask_c, other=0.0)
@@ -106,6 +107,7 @@ def _bwd_spatial_pool_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
     NUM_STAGES: tl.constexpr,  # software-pipelining depth of the loop (1: none)
+    ROW_ALIGN: tl.constexpr,   # NCHW: H*W's known divisor (plane._plane_offsets)
     BLOCK_PB: tl.constexpr,    # B1 partial rows merged at once (DR_PARTIAL)
     BLOCK_H: tl.constexpr,     # hidden units per step of the partial (DR_PARTIAL)
     HID_LOOP: tl.constexpr,    # BLOCK_H < HID: the partial loops over hidden blocks
@@ -129,6 +131,8 @@ def _bwd_spatial_pool_kernel(
     mask_c = offs_c < C
     base = n.to(tl.int64) * C * P
     row = n.to(tl.int64) * P
+    if ROW_ALIGN > 1:  # NCHW only (plan.row_align)
+        row = tl.multiple_of(row, ROW_ALIGN)
     inv_c = 1.0 / tl.cast(C, ACC_DTYPE)  # tl.cast: C may arrive as a plain int (see plane.py)
     if AMAX:
         ca = tl.load(ca_ptr + n.to(tl.int64) * C + offs_c, mask=mask_c, other=0.0)
@@ -137,9 +141,9 @@ def _bwd_spatial_pool_kernel(
     p_end = tl.minimum(p_start + p_per_split, P)
     for p0 in tl.range(0, p_end - p_start, BLOCK_P, num_stages=NUM_STAGES):
         offs_p = p_start + p0 + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < p_end
+        mask_p = _below(offs_p, p_end, ROW_ALIGN)
         mask = mask_c[:, None] & mask_p[None, :]
-        x = tl.load(x_ptr + base + _plane_offsets(offs_c, offs_p, C, P, P_CONTIG),
+        x = tl.load(x_ptr + base + _plane_offsets(offs_c, offs_p, C, P, P_CONTIG, ROW_ALIGN),
                     mask=mask, other=0.0).to(ACC_DTYPE)
         # per position: the weight of x off the spatial max (lo) and at it (hi); x is 0
         # outside the tile's mask, and so is its product
@@ -200,12 +204,12 @@ def _bwd_input_tile(
     g_ptr, x_ptr, sa_ptr, dsmean_ptr, dsmax_ptr, smax_ptr, sidx_ptr, scnt_ptr, dx_ptr,
     n, C, P, p0, p_end, offs_c, mask_c, ca, c_lo, c_hi, c_idx, c_max, c_tied, inv_c,
     HAS_SA: tl.constexpr, AMAX: tl.constexpr, P_CONTIG: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
     """dx of one tile: the channel block of offs_c (its gate ca and its _bwd_maxima rows,
     read by the caller) and the positions p0 .. p0 + BLOCK_P (before p_end)."""
     offs_p, mask_p, mask, plane, prow = _plane_tile(n, C, P, p0, p_end, offs_c, mask_c,
-                                                    P_CONTIG, BLOCK_P)
+                                                    P_CONTIG, BLOCK_P, ROW_ALIGN)
     g = tl.load(g_ptr + plane, mask=mask, other=0.0).to(ACC_DTYPE)
     if HAS_SA:
         sa = tl.load(sa_ptr + prow, mask=mask_p, other=0.0)
@@ -258,6 +262,7 @@ def _bwd_input_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
     LOOP: tl.constexpr,  # several position blocks per program, in a pipelined loop
+    ROW_ALIGN: tl.constexpr,  # NCHW: H*W's known divisor (plane._plane_offsets)
 ):
     """dx = (g*sa + dsmean/C + dsmax*e_k) * ca + davg/P + dmx*e_j
 
@@ -282,11 +287,12 @@ def _bwd_input_kernel(
             _bwd_input_tile(g_ptr, x_ptr, sa_ptr, dsmean_ptr, dsmax_ptr, smax_ptr, sidx_ptr,
                             scnt_ptr, dx_ptr, n, C, P, p0, p_end, offs_c, mask_c, ca, c_lo,
                             c_hi, c_idx, c_max, c_tied, inv_c, HAS_SA, AMAX, P_CONTIG,
-                            ACC_DTYPE, BLOCK_P)
+                            ACC_DTYPE, BLOCK_P, ROW_ALIGN)
     else:
         _bwd_input_tile(g_ptr, x_ptr, sa_ptr, dsmean_ptr, dsmax_ptr, smax_ptr, sidx_ptr,
                         scnt_ptr, dx_ptr, n, C, P, p_start, p_end, offs_c, mask_c, ca, c_lo, c_hi,
-                        c_idx, c_max, c_tied, inv_c, HAS_SA, AMAX, P_CONTIG, ACC_DTYPE, BLOCK_P)
+                        c_idx, c_max, c_tied, inv_c, HAS_SA, AMAX, P_CONTIG, ACC_DTYPE, BLOCK_P,
+                        ROW_ALIGN)
 
 
 @triton.jit
@@ -313,6 +319,7 @@ def _bwd_input_rows_kernel(
     ACC_DTYPE: tl.constexpr,
     BLOCK_K: tl.constexpr,
     STEPS: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,  # NCHW: H*W's known divisor (plane._plane_offsets)
 ):
     """B3 by rows: dx = (g*sa + dsmean/C + dsmax*e_k)*ca + davg/P + dmx*e_j
 
@@ -340,8 +347,10 @@ def _bwd_input_rows_kernel(
     else:
         K = C
         R = P
+    if ROW_ALIGN > 1:  # rows start on ROW_ALIGN-element boundaries: vector access
+        K = tl.multiple_of(K, ROW_ALIGN)
     offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask_k = offs_k < K
+    mask_k = _below(offs_k, K, ROW_ALIGN)
     krow = n.to(tl.int64) * K + offs_k
     r_start = rg * STEPS
     rrow = n.to(tl.int64) * R + r_start

@@ -21,13 +21,13 @@ def _gate_apply_tile(
     x_ptr, sa_ptr, u_ptr, out_ptr, n, C, P, p0, p_end, offs_c, mask_c, ca, cb,
     mean, invstd, bn_w, bn_b,
     SA_MODE: tl.constexpr, P_CONTIG: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    BLOCK_P: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
     """out of one tile: the channel block of offs_c (gate ca) and the positions
     p0 .. p0 + BLOCK_P (before p_end). SA_MODE 2: sa from u with the combined statistics
     (mean, invstd) and the affine factors, stored by the first channel block."""
     offs_p, mask_p, mask, plane, prow = _plane_tile(n, C, P, p0, p_end, offs_c, mask_c,
-                                                    P_CONTIG, BLOCK_P)
+                                                    P_CONTIG, BLOCK_P, ROW_ALIGN)
     x = tl.load(x_ptr + plane, mask=mask, other=0.0).to(ACC_DTYPE)
     y = x * ca[:, None]
     if SA_MODE == 1:
@@ -68,6 +68,7 @@ def _gate_apply_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_PARTS: tl.constexpr,  # BatchNorm rows combined at once (SA_MODE 2)
     LOOP: tl.constexpr,  # several position blocks per program, in a pipelined loop
+    ROW_ALIGN: tl.constexpr,  # NCHW: H*W's known divisor (plane._plane_offsets)
 ):
     """out[c, p] = (x[c, p] * ca[c]) * sa[p], computed in ACC_DTYPE and rounded once.
 
@@ -117,7 +118,8 @@ def _gate_apply_kernel(
         for p0 in tl.range(p_start, p_end, BLOCK_P, num_stages=STAGES):
             _gate_apply_tile(x_ptr, sa_ptr, u_ptr, out_ptr, n, C, P, p0, p_end, offs_c, mask_c,
                              ca, cb, mean, invstd, bn_w, bn_b, SA_MODE, P_CONTIG, ACC_DTYPE,
-                             BLOCK_P)
+                             BLOCK_P, ROW_ALIGN)
     else:
         _gate_apply_tile(x_ptr, sa_ptr, u_ptr, out_ptr, n, C, P, p_start, p_end, offs_c, mask_c,
-                         ca, cb, mean, invstd, bn_w, bn_b, SA_MODE, P_CONTIG, ACC_DTYPE, BLOCK_P)
+                         ca, cb, mean, invstd, bn_w, bn_b, SA_MODE, P_CONTIG, ACC_DTYPE, BLOCK_P,
+                         ROW_ALIGN)

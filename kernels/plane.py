@@ -202,13 +202,16 @@ def _elementwise_program(pid, num_c_blocks, num_p_groups, P_CONTIG: tl.constexpr
 
 @triton.jit
 def _plane_tile(n, C, P, p0, p_end, offs_c, mask_c, P_CONTIG: tl.constexpr,
-                BLOCK_P: tl.constexpr):
+                BLOCK_P: tl.constexpr, ROW_ALIGN: tl.constexpr):
     """The tile of sample n at channels offs_c and positions p0 .. p0 + BLOCK_P (before
     p_end): (positions, their mask, the tile's mask, its 64-bit offsets in the [N, C x P]
-    plane, the positions' 64-bit offsets in an [N, P] row)."""
+    plane, the positions' 64-bit offsets in an [N, P] row). ROW_ALIGN (NCHW): P and p_end
+    are multiples of it (_plane_offsets, _below)."""
     offs_p = p0 + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < p_end
+    mask_p = _below(offs_p, p_end, ROW_ALIGN)
     mask = mask_c[:, None] & mask_p[None, :]
-    plane = n.to(tl.int64) * C * P + _plane_offsets(offs_c, offs_p, C, P, P_CONTIG)
-    prow = n.to(tl.int64) * P + offs_p
-    return offs_p, mask_p, mask, plane, prow
+    plane = n.to(tl.int64) * C * P + _plane_offsets(offs_c, offs_p, C, P, P_CONTIG, ROW_ALIGN)
+    start = n.to(tl.int64) * P
+    if ROW_ALIGN > 1:
+        start = tl.multiple_of(start, ROW_ALIGN)
+    return offs_p, mask_p, mask, plane, start + offs_p

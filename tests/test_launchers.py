@@ -45,7 +45,7 @@ def test_channel_and_spatial_stats(splits, layout, hw, device):
     196 positions are a multiple of 4, not of 16: in NCHW its rows are read with the
     ROW_ALIGN hint (plan.row_align), the last tile of a split masked 4 columns at a time."""
     N, C, (H, W) = 2, 40, hw
-    assert row_align(H * W) == (4 if hw == (14, 14) else 1)
+    assert row_align(H * W, True) == (4 if hw == (14, 14) else 1)
     x = torch.randn(N, C, H, W, device=device)
     x[0, 3, 2, :5] = 7.0     # a tied channel max (5 positions)
     x[1, :, 4, 4] = 9.0      # a tied spatial max (every channel of one position)
@@ -90,11 +90,19 @@ def test_stats_nan_propagates(device):
     assert not torch.isnan(m[0, [0, 2, 3]]).any()
 
 
+# Maps of 66 positions (no row hint) and of 100 (a multiple of 4, not of 16: NCHW rows
+# start on 16-byte boundaries at fp32, plan.row_align; the masks compare 4 positions at a
+# time, plane._below)
+HINT_MAPS = pytest.mark.parametrize("hw", [(6, 11), (10, 10)], ids=["6x11", "10x10"])
+
+
+@HINT_MAPS
 @pytest.mark.parametrize("splits", [1, 2, 5])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("has_sa", [True, False])
-def test_bwd_gate_sums(splits, layout, has_sa, device):
-    N, C, H, W = 2, 70, 6, 11
+def test_bwd_gate_sums(splits, layout, has_sa, hw, device):
+    N, C, (H, W) = 2, 70, hw
+    assert row_align(H * W, True) == (4 if hw == (10, 10) else 1)
     p_contig = layout == "nchw"
     x = torch.randn(N, C, H, W, device=device)
     g = torch.randn(N, C, H, W, device=device)
@@ -122,19 +130,23 @@ def test_bwd_gate_sums(splits, layout, has_sa, device):
 # narrow axis whose rows are not 16-byte aligned (49 of 64 lanes: a 7x7 map in NCHW, 49
 # channels in channels_last).
 B3_PATHS = {"tiles": ((2, 19, 13, 11), (0, 0)), "rows8": ((2, 144, 16, 10), (128, 8)),
-            "rows2": ((2, 144, 16, 10), (128, 2)), "rows_narrow": ((2, 49, 7, 7), (64, 8))}
+            "rows2": ((2, 144, 16, 10), (128, 2)), "rows_narrow": ((2, 49, 7, 7), (64, 8)),
+            # 140 and 196 positions: multiples of 4, not of 16 (the NCHW row hint)
+            "tiles_hint": ((2, 19, 14, 10), (0, 0)), "rows_hint": ((2, 40, 14, 14), (128, 8))}
 
 
 @pytest.mark.parametrize("amax", [False, True])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("b3,splits", [("tiles", 1), ("tiles", 3), ("rows8", 1), ("rows2", 1),
-                                       ("rows_narrow", 1)])
+                                       ("rows_narrow", 1), ("tiles_hint", 1), ("tiles_hint", 3),
+                                       ("rows_hint", 1)])
 def test_bwd_spatial_pool_and_input(amax, layout, splits, b3, device):
     """B2 with `splits` position splits; B3 by tiles with `splits` position blocks per
     program (NCHW: both blocks in one program; channels_last: 3 + 2 blocks, a loop and a
     short last one), or by rows (B3_PATHS)."""
     (N, C, H, W), rows = B3_PATHS[b3]
     P = H * W
+    assert row_align(P, True) == (4 if b3.endswith("hint") else 1)
     p_contig = layout == "nchw"
     x = torch.randn(N, C, H, W, device=device)
     x[:, :, 0, 0] = 1.5          # tied spatial max at p = 0 (ca = 1 below)
@@ -173,15 +185,19 @@ def test_bwd_spatial_pool_and_input(amax, layout, splits, b3, device):
     assert_close(dx.reshape(N, C, P), ref_dx, torch.float32, C, "dx")
 
 
+@pytest.mark.parametrize("hw", [(13, 11), (14, 10)], ids=["13x11", "14x10"])
 @pytest.mark.parametrize("sa_mode", [0, 1, 2])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("blocks", [1, 3])
-def test_gate_apply(sa_mode, layout, blocks, device):
+def test_gate_apply(sa_mode, layout, blocks, hw, device):
     """F3 on its own, with `blocks` position blocks per program (3: one program over both
     NCHW blocks; channels_last: 3 + 2 blocks, a loop and a short last one): out = x*ca*sa,
     and in batch-statistics mode (sa_mode 2) sa from u and moment rows, the statistics
     used and the running-statistics update, against float64."""
-    N, C, H, W = 2, 19, 13, 11   # H*W = 143: two position blocks in NCHW, five in channels_last
+    # H*W = 143 or 140 (a multiple of 4, the NCHW row hint): two position blocks in NCHW,
+    # five in channels_last
+    N, C, (H, W) = 2, 19, hw
+    assert row_align(H * W, True) == (4 if hw == (14, 10) else 1)
     P, eps, momentum = H * W, 1e-5, 0.1
     p_contig = layout == "nchw"
     x = torch.randn(N, C, H, W, device=device)
