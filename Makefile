@@ -23,7 +23,7 @@ run: $(STAMP)
 	$(PY) benchmarks/run.py
 
 test: $(STAMP)
-	$(PY) -m pytest -n $(JOBS) tests
+	$(PY) -m pytest -n $(JOBS) --dist worksteal tests
 
 # The property-based test with many fresh examples (default 500; CBAM_HYPOTHESIS_EXAMPLES=N).
 test-long: $(STAMP)

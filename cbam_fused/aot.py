@@ -559,12 +559,16 @@ def _report_one(args):
                     error=f"{type(e).__name__}: {e}")
 
 
-def report_all(archs=ARCHS, dtypes=DTYPES, workers=None):
-    """build_report for every launch configuration and arch, in parallel processes."""
+def report_all(archs=ARCHS, dtypes=DTYPES, workers=None, shard=(0, 1)):
+    """build_report for every launch configuration and arch, in parallel processes; with
+    shard = (i, n), only the configurations whose index is i modulo n (the test suite
+    spreads the builds over its workers this way)."""
     import multiprocessing as mp
     import os
 
-    jobs = [(i, a, dtypes) for a in archs for i in range(len(launch_configs(dtypes)))]
+    index, count = shard
+    jobs = [(i, a, dtypes) for a in archs for i in range(len(launch_configs(dtypes)))
+            if i % count == index]
     workers = workers or os.cpu_count() or 1
     if workers == 1:
         return [_report_one(j) for j in jobs]
@@ -582,10 +586,13 @@ def main(argv=None):
     p.add_argument("--arch", type=int, action="append", help="80, 90 (default both)")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--json", help="write the reports to this file")
+    p.add_argument("--shard", default="0/1",
+                   help="I/N: only the configurations whose index is I modulo N")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("unset TRITON_INTERPRET: ahead-of-time builds need the real compiler")
-    reports = report_all(tuple(args.arch or ARCHS), workers=args.workers)
+    shard = tuple(int(v) for v in args.shard.split("/"))
+    reports = report_all(tuple(args.arch or ARCHS), workers=args.workers, shard=shard)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(reports, f, indent=1)

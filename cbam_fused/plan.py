@@ -651,8 +651,8 @@ def map_balanced_split(f1: Reduction, N: int, C: int, P: int, p_contig: bool, dt
     tile, MERGE_BLOCKS) where that takes fewer serial round trips in F1 and the map
     together (fwd_map_trips). Where F1 splits to fill the SMs (small N) each split may be
     a single step, and the map then merges up to 64 partial rows per channel in narrow
-    channel steps (1x256x56x56: 25 splits of one step, then 16 map steps; 7 splits of
-    four steps, then 4)."""
+    channel steps (1x256x56x56 NCHW: 25 splits of one step, then 16 map steps; 7 splits
+    of four steps, then 2)."""
     best = f1
     for splits in MERGE_BLOCKS:
         if splits >= f1.splits:
