@@ -147,10 +147,9 @@ def _unaligned(builds):
 
 
 def _positions_contiguous(cx: dict) -> bool:
-    """Whether a big pass's build reads positions along its contiguous axis (NCHW): F2
-    (HAS_SCALE) where K, the channels, is the strided axis, F1 where K is contiguous."""
+    """Whether a big pass's build reads positions along its contiguous axis (NCHW)."""
     if "K_CONTIG" in cx:
-        return cx["K_CONTIG"] != cx["HAS_SCALE"]
+        return PL.pool_positions_contiguous(cx["K_CONTIG"], cx["HAS_SCALE"])
     return cx["P_CONTIG"]
 
 

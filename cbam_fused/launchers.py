@@ -32,8 +32,8 @@ from .plan import (CONV_GRAD_BLOCK, NUM_WARPS, SMALL_MAXNREG, SMALL_NUM_WARPS,
                    Reduction, acc_dtype, b1_blocks, b2_blocks, b3_rows, b3_rows_options,
                    big_pass_options, cdiv, unaligned_budget,
                    channel_split, bn_parts_block, cp_blocks, elementwise_position_groups,
-                   loop_stages, position_split, psi_bwd_options, reduction_plan, row_align, sm_count,
-                   weight_grad_rows, weight_grad_samples)
+                   loop_stages, pool_positions_contiguous, position_split, psi_bwd_options,
+                   reduction_plan, row_align, sm_count, weight_grad_rows, weight_grad_samples)
 
 # launch options of the small-map kernels (plan.py)
 SMALL_OPTIONS = dict(num_warps=SMALL_NUM_WARPS, maxnreg=SMALL_MAXNREG)
@@ -148,9 +148,8 @@ def _or(t, fallback):
 # ---------------------------------------------------------------- F1, F2
 
 def row_align_of(R: int, K: int, k_contig: bool, has_scale: bool) -> int:
-    """plan.row_align of F1 (R = C, K = H*W, positions contiguous in NCHW) or F2 (scaled:
-    R = H*W, K = C, positions contiguous where K is not)."""
-    return row_align(K, k_contig) if not has_scale else row_align(R, not k_contig)
+    """plan.row_align of F1 (R = C, K = H*W) or F2 (scaled: R = H*W, K = C)."""
+    return row_align(R if has_scale else K, pool_positions_contiguous(k_contig, has_scale))
 
 
 def pool_stats_partials(x, R: int, K: int, k_contig: bool, red: Reduction, scale=None,

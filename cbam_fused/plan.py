@@ -159,6 +159,13 @@ def row_align(P: int, p_contig: bool) -> int:
     return 4 if p_contig and P % 16 and P % 4 == 0 else 1
 
 
+def pool_positions_contiguous(k_contig: bool, has_scale: bool) -> bool:
+    """Whether F1 (R = C, K = H*W) or F2 (scaled: R = H*W, K = C) walks a plane whose
+    contiguous axis is the positions, i.e. runs in NCHW: F1 where K is contiguous, F2
+    where it is not."""
+    return k_contig != has_scale
+
+
 def cp_blocks(C: int, P: int, p_contig: bool, dtype):
     """(BLOCK_C, BLOCK_P) of the big passes over the C x H*W plane (F3, B1, B2, B3)."""
     contig, other = tile_config(P if p_contig else C, dtype)

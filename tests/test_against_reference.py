@@ -215,11 +215,11 @@ def test_spatial_conv_paths(case, stencil, device, monkeypatch):
 # channel blocks and the channel map runs several programs per sample; or F1 stays split
 # and the channel map runs one program per sample (300 channels: too few W1 steps to be
 # worth F1's extra work; 8x8 positions, as F1 reads all of 6x5 in one step of its deep
-# N = 2 tile, plan.deepest_tile, and does not split). Backward: B2, made unsplit where its plan splits it (the
-# channels_last cases), forms dlogits and the W2^T dlogits partials, and the channel map's
-# backward runs several programs per sample. The partials loop over blocks of the 75-150
-# hidden units, or (8-channel NCHW tiles, 120 hidden units, 16-bit and fp32 I/O) take them
-# in one tile.
+# N = 2 tile, plan.deepest_tile, and does not split). Backward: B2, made unsplit where its
+# plan splits it (the channels_last cases), forms dlogits and the W2^T dlogits partials,
+# and the channel map's backward runs several programs per sample. The partials loop over
+# blocks of the 75-150 hidden units, or (8-channel NCHW tiles, 120 hidden units, 16-bit and
+# fp32 I/O) take them in one tile.
 CHANNEL_MAP_CASES = [((2, 600, 6, 5), "nchw", True, True, True),
                      ((2, 480, 9, 9), "nchw", True, True, False),
                      ((1, 520, 6, 6), "channels_last", True, True, True),
