@@ -20,6 +20,7 @@ no host synchronization and no allocation whose size depends on data, so CUDA gr
 can capture a call. A SyncBatchNorm adds one small kernel and one all_gather per
 direction (sync_bn.py).
 """
+import functools
 import os
 
 import torch
@@ -27,7 +28,7 @@ import torch
 from . import launchers as L
 from .launch import Capture, call_key, current_stream, jit_launch, use_fast_launch
 from .ops import OPS
-from .plan import block_plan, carve, sm_count
+from .plan import block_plan, carve, sm_count_of
 from .reference import cbam_reference
 from .second_order import differentiable_backward
 from .spec import NUM_TENSOR_FIELDS, CBAMSpec, CBAMWeights
@@ -40,10 +41,15 @@ def triton_interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Read once, at import: triton.jit reads the variable when it decorates the kernels (the
+# import of kernels/ above), so whether they run interpreted is fixed from then on.
+_KERNELS_INTERPRETED = triton_interpreter_active()
+
+
 def uses_kernels(x: torch.Tensor) -> bool:
     """Whether x goes through the Triton kernels (CUDA, or CPU under the interpreter) when
     nothing asks for plain PyTorch ops instead (see `plain_ops_reason`)."""
-    return x.is_cuda or (x.device.type == "cpu" and triton_interpreter_active())
+    return x.is_cuda or (_KERNELS_INTERPRETED and x.is_cpu)
 
 
 def _functorch_active() -> bool:
@@ -67,7 +73,7 @@ def plain_ops_reason():
         if torch.compiler.is_exporting() and torch.onnx.is_in_onnx_export():
             return "torch.onnx.export"
         return None
-    if torch.jit.is_tracing():
+    if torch._C._is_tracing():  # torch.jit.is_tracing(), minus its is_scripting() check
         return "torch.jit.trace"
     if _functorch_active():
         return "torch.func transform"
@@ -88,7 +94,7 @@ def dense_weights(w: CBAMWeights) -> CBAMWeights:
 
 def autocast_dtype(x: torch.Tensor):
     """The dtype autocast asks for on x's device, or None when autocast is off there."""
-    kind = "cuda" if x.is_cuda else x.device.type
+    kind = "cuda" if x.is_cuda else "cpu" if x.is_cpu else x.device.type
     if not torch.is_autocast_enabled(kind):
         return None
     return torch.get_autocast_dtype(kind)
@@ -100,8 +106,7 @@ def plan_for(x: torch.Tensor, spec: CBAMSpec, w: CBAMWeights, p_contig: bool):
     two_layers = w.fc2_weight is not None
     hidden = w.fc1_weight.shape[0] if two_layers else C
     return block_plan(N, C, H, W, hidden, two_layers, spec.has_spatial, spec.kernel_size,
-                      p_contig, x.dtype,
-                      sm_count(x.device))
+                      p_contig, x.dtype, sm_count_of(x))
 
 
 def _bound_launches(plan, xd, group, tag, roots, fresh, floats=None):
@@ -128,38 +133,41 @@ def _bind(plan, run):
             plan.launch_handles[run.key] = program
 
 
+@functools.lru_cache(maxsize=64)
 def _float_args(eps: float, momentum: float):
-    """The forward kernels' float arguments by name (launch.FLOAT_ARGS)."""
+    """The forward kernels' float arguments by name (launch.FLOAT_ARGS); a replay only
+    reads the dict."""
     eps_hi, eps_lo = L.f64_pair(eps)
     mom_hi, mom_lo = L.f64_pair(momentum)
     return dict(eps_hi=eps_hi, eps_lo=eps_lo, mom_hi=mom_hi, mom_lo=mom_lo)
 
 
 def fused_forward(xd, p_contig: bool, spec: CBAMSpec, w: CBAMWeights, bn_batch_stats: bool,
-                  momentum: float, group=None):
-    """The five forward launches on xd (dense in the layout p_contig says).
+                  momentum: float, group=None, plan=None):
+    """The five forward launches on xd (dense in the layout p_contig says). plan: this
+    call's plan_for, when the caller has it.
 
     Returns (out, saved_acc, saved_i32): the two saved workspaces hold what the backward
     needs besides x (pooled statistics, gates, conv output, BatchNorm statistics)."""
-    plan = plan_for(xd, spec, w, p_contig)
+    if plan is None:
+        plan = plan_for(xd, spec, w, p_contig)
     f = L.flags_of(spec, w, bn_batch_stats)
     dev, acc = xd.device, plan.acc
     sizes = plan.sizes
     saved_acc = torch.empty(sizes["saved_acc_layout"], device=dev, dtype=acc)
     saved_i32 = torch.empty(sizes["saved_i32_layout"], device=dev, dtype=torch.int32)
-    scratch_acc = torch.empty(sizes["fwd_scratch_acc_layout"], device=dev, dtype=acc)
-    scratch_i32 = torch.empty(sizes["fwd_scratch_i32_layout"], device=dev, dtype=torch.int32)
+    scratch = torch.empty(sizes["fwd_scratch_layout"], device=dev, dtype=acc)
     out = torch.empty_like(xd)
     replayed, run = _bound_launches(
         plan, xd, group, ("fwd", f),
-        (xd, *w[:NUM_TENSOR_FIELDS]), (saved_acc, saved_i32, scratch_acc, scratch_i32, out),
+        (xd, *w[:NUM_TENSOR_FIELDS]), (saved_acc, saved_i32, scratch, out),
         lambda: _float_args(spec.bn_eps, momentum))
     if replayed:
         return out, saved_acc, saved_i32
     s = carve(saved_acc, plan.saved_acc_layout())
     s.update(carve(saved_i32, plan.saved_i32_layout()))
-    t = carve(scratch_acc, plan.fwd_scratch_acc_layout())
-    t.update(carve(scratch_i32, plan.fwd_scratch_i32_layout()))
+    t = carve(scratch, plan.fwd_scratch_layout())
+    t.update(carve(t.pop("i32").view(torch.int32), plan.fwd_scratch_i32_layout()))
     C, P = plan.C, plan.P
 
     L.pool_stats_partials(xd, C, P, p_contig, plan.f1,
@@ -189,9 +197,11 @@ def fused_forward(xd, p_contig: bool, spec: CBAMSpec, w: CBAMWeights, bn_batch_s
 
 
 def fused_backward(g, xd, p_contig: bool, saved_acc, saved_i32, spec: CBAMSpec, w: CBAMWeights,
-                   bn_batch_stats: bool, need_dx: bool, group=None):
-    """The seven backward launches: (dx or None, {weight field: gradient})."""
-    plan = plan_for(xd, spec, w, p_contig)
+                   bn_batch_stats: bool, need_dx: bool, group=None, plan=None):
+    """The seven backward launches: (dx or None, {weight field: gradient}). plan: as in
+    fused_forward."""
+    if plan is None:
+        plan = plan_for(xd, spec, w, p_contig)
     f = L.flags_of(spec, w, bn_batch_stats)
     scratch = torch.empty(plan.bwd_scratch_size(spec.kernel_size, f.spatial_maps),
                           device=xd.device, dtype=plan.acc)
@@ -200,7 +210,7 @@ def fused_backward(g, xd, p_contig: bool, saved_acc, saved_i32, spec: CBAMSpec, 
     grads = L.empty_weight_grads(w)
     replayed, run = _bound_launches(
         plan, xd, group, ("bwd", f, need_dx),
-        (g, xd, *w[:NUM_TENSOR_FIELDS], saved_acc, saved_i32), (scratch, dx, *grads.values()))
+        (g, xd, *w[:len(L.GRAD_FIELDS)], saved_acc, saved_i32), (scratch, dx, *grads.values()))
     if replayed:
         return dx, grads
     s = carve(saved_acc, plan.saved_acc_layout())
@@ -230,10 +240,12 @@ def fused_backward(g, xd, p_contig: bool, saved_acc, saved_i32, spec: CBAMSpec, 
     return dx, grads
 
 
-def report_gates(gates, xd, p_contig: bool, spec: CBAMSpec, w: CBAMWeights, saved_acc):
+def report_gates(gates, xd, p_contig: bool, spec: CBAMSpec, w: CBAMWeights, saved_acc,
+                 plan=None):
     """Hand the gates of a forward to `gates(ca, sa or None, shape)` (attention.py): views
     of the saved workspace, where the kernels left them."""
-    plan = plan_for(xd, spec, w, p_contig)
+    if plan is None:
+        plan = plan_for(xd, spec, w, p_contig)
     views = carve(saved_acc, plan.saved_acc_layout())
     gates(views["ca"], views["sa"] if spec.has_spatial else None, tuple(xd.shape))
 
@@ -259,23 +271,34 @@ _NO_BUFFERS = (None,) * (NUM_TENSOR_FIELDS - _NUM_PARAMS)
 
 
 class CBAMFunction(torch.autograd.Function):
-    """apply(x, spec, bn_batch_stats, momentum, group, gates, *weight_tensors, has_bn) -> out.
+    """apply(x, spec, bn_batch_stats, momentum, group, gates, buffers, *params, has_bn) -> out.
 
+    params: the eight parameter fields of CBAMWeights (fc1_weight ... bn_bias, None where
+    absent), the only weight tensors autograd sees. buffers: the BatchNorm buffers
+    (bn_running_mean, bn_running_var, bn_num_batches_tracked), as one tuple: autograd
+    neither differentiates nor saves them, and it would check, wrap and give an edge to
+    every tensor argument (host time in apply and in the engine's backward). In
+    batch-statistics mode the forward updates them in place.
     group: the process group of a synchronized (SyncBatchNorm) spatial BatchNorm, or
-    None. gates: None, or a callable that receives the gates (attention.py). In
-    batch-statistics mode the forward updates the running statistics and the batch
-    counter among the weight tensors in place (they are not differentiable).
+    None. gates: None, or a callable that receives the gates (attention.py).
     """
 
     @staticmethod
     def forward(ctx, x, spec: CBAMSpec, bn_batch_stats: bool, momentum: float, group, gates,
-                *weights):
-        w = CBAMWeights(*weights)
+                buffers, *params_and_has_bn):
+        w = CBAMWeights(*params_and_has_bn[:-1], *buffers, params_and_has_bn[-1])
         xd, p_contig = L.dense_layout(x)
-        out, saved_acc, saved_i32 = passes().block_forward(xd, p_contig, spec, w, bn_batch_stats,
-                                                           momentum, group)
+        if torch.compiler.is_compiling():  # the registered op; its backward plans for itself
+            plan = None
+            out, saved_acc, saved_i32 = OPS.block_forward(xd, p_contig, spec, w, bn_batch_stats,
+                                                          momentum, group)
+        else:  # one plan lookup for the forward and the backward
+            plan = plan_for(xd, spec, w, p_contig)
+            out, saved_acc, saved_i32 = fused_forward(xd, p_contig, spec, w, bn_batch_stats,
+                                                      momentum, group, plan)
         if gates is not None:
-            report_gates(gates, xd, p_contig, spec, w, saved_acc)
+            report_gates(gates, xd, p_contig, spec, w, saved_acc, plan)
+        ctx.plan = plan
         ctx.spec, ctx.bn_batch_stats, ctx.p_contig, ctx.group = spec, bn_batch_stats, p_contig, group
         ctx.dense_copy = xd is not x
         ctx.has_bn = w.has_bn
@@ -291,23 +314,39 @@ class CBAMFunction(torch.autograd.Function):
     def backward(ctx, g):
         x, saved_acc, saved_i32, *params = ctx.saved_tensors
         w = CBAMWeights(*params, *_NO_BUFFERS, ctx.has_bn)
-        needs = ctx.needs_input_grad
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        needs = ctx.needs_input_grad[_FIRST_PARAM_ARG:_FIRST_PARAM_ARG + _NUM_PARAMS]
+        compiling = torch.compiler.is_compiling()
+        if torch.is_grad_enabled() and not compiling:
             # create_graph=True: the caller differentiates this backward (second_order.py)
-            fields = [n for n, need in zip(_TENSOR_FIELDS, needs[6:]) if need]
+            fields = [n for n, need in zip(L.GRAD_FIELDS, needs) if need]
             dx, grads = differentiable_backward(
-                g, x, saved_acc, plan_for(x, ctx.spec, w, ctx.p_contig), ctx.spec, w,
-                ctx.bn_batch_stats, ctx.group, needs[0], fields)
+                g, x, saved_acc, ctx.plan or plan_for(x, ctx.spec, w, ctx.p_contig), ctx.spec, w,
+                ctx.bn_batch_stats, ctx.group, ctx.needs_input_grad[0], fields)
         else:
             # (a Python flag, not a look at x's strides: torch.compile traces this backward
             # with tensors whose strides it treats as unknown)
             xd = x.contiguous() if ctx.dense_copy else x  # dense_layout's copy
-            dx, grads = passes().block_backward(g, xd, ctx.p_contig, saved_acc, saved_i32,
-                                                ctx.spec, w, ctx.bn_batch_stats, needs[0],
-                                                ctx.group)
-        return (dx, None, None, None, None, None,
-                *[grads.get(name) if need else None
-                  for name, need in zip(_TENSOR_FIELDS, needs[6:])], None)
+            args = (g, xd, ctx.p_contig, saved_acc, saved_i32, ctx.spec, w, ctx.bn_batch_stats,
+                    ctx.needs_input_grad[0], ctx.group)
+            if compiling or ctx.plan is None:  # (compiled autograd)
+                dx, grads = passes().block_backward(*args)
+            else:
+                dx, grads = fused_backward(*args, plan=ctx.plan)
+        return (dx, None, None, None, None, None, None,
+                *[grads.get(name) if need else None for name, need in zip(L.GRAD_FIELDS, needs)],
+                None)
+
+
+# apply's arguments before the parameters: x, spec, bn_batch_stats, momentum, group, gates,
+# buffers
+_FIRST_PARAM_ARG = 7
+
+
+def apply_block(x, spec: CBAMSpec, w: CBAMWeights, bn_batch_stats: bool, momentum: float,
+                group=None, gates=None):
+    """CBAMFunction.apply with the weights split into parameters and buffers."""
+    return CBAMFunction.apply(x, spec, bn_batch_stats, momentum, group, gates,
+                              w[_NUM_PARAMS:NUM_TENSOR_FIELDS], *w[:_NUM_PARAMS], w.has_bn)
 
 
 def cbam(x: torch.Tensor, spec: CBAMSpec, weights: CBAMWeights, *, bn_training: bool = False,
@@ -366,7 +405,7 @@ def cbam_unchecked(x, spec: CBAMSpec, weights: CBAMWeights, *, bn_training: bool
         _count_batch_on_host(weights, bn_training)
     if torch.is_grad_enabled() and (x.requires_grad or any(
             t is not None and t.requires_grad for t in weights[:NUM_TENSOR_FIELDS])):
-        return CBAMFunction.apply(x, spec, bn_batch_stats, momentum, bn_group, gates, *weights)
+        return apply_block(x, spec, weights, bn_batch_stats, momentum, bn_group, gates)
     xd, p_contig = L.dense_layout(x)  # no_grad / inference_mode: no autograd node
     out, saved_acc, _ = passes().block_forward(xd, p_contig, spec, weights, bn_batch_stats,
                                                momentum, bn_group)

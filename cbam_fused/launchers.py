@@ -33,7 +33,7 @@ from .plan import (CONV_GRAD_BLOCK, NUM_WARPS, SMALL_MAXNREG, SMALL_NUM_WARPS,
                    big_pass_options, cdiv, unaligned_budget,
                    channel_split, bn_parts_block, cp_blocks, elementwise_position_groups,
                    loop_stages, pool_positions_contiguous, position_split, psi_bwd_options,
-                   reduction_plan, row_align, sm_count, weight_grad_rows, weight_grad_samples)
+                   reduction_plan, row_align, sm_count_of, weight_grad_rows, weight_grad_samples)
 
 # launch options of the small-map kernels (plan.py)
 SMALL_OPTIONS = dict(num_warps=SMALL_NUM_WARPS, maxnreg=SMALL_MAXNREG)
@@ -191,14 +191,14 @@ def pool_stats_partials(x, R: int, K: int, k_contig: bool, red: Reduction, scale
 def channel_stats_partials(x, p_contig: bool, splits=None):
     """F1 on its own (tests): per-split channel statistics [N, S, C] over H*W."""
     N, C, H, W = x.shape
-    red = reduction_plan(N, C, H * W, p_contig, x.dtype, sm_count(x.device), splits)
+    red = reduction_plan(N, C, H * W, p_contig, x.dtype, sm_count_of(x), splits)
     return pool_stats_partials(x, C, H * W, p_contig, red), red
 
 
 def spatial_stats_partials(x, ca, p_contig: bool, splits=None):
     """F2 on its own (tests): per-split spatial statistics [N, S, H*W] of x * ca."""
     N, C, H, W = x.shape
-    red = reduction_plan(N, H * W, C, not p_contig, x.dtype, sm_count(x.device), splits)
+    red = reduction_plan(N, H * W, C, not p_contig, x.dtype, sm_count_of(x), splits)
     return pool_stats_partials(x, H * W, C, not p_contig, red, scale=ca.contiguous()), red
 
 
@@ -283,7 +283,7 @@ def elementwise_groups(x, p_contig: bool, plan=None, blocks_per_program=None):
     if plan is not None:
         return plan.ew_groups, plan.ew_p_per_program
     N, C, H, W = x.shape
-    return elementwise_position_groups(N, C, H * W, p_contig, x.dtype, sm_count(x.device),
+    return elementwise_position_groups(N, C, H * W, p_contig, x.dtype, sm_count_of(x),
                                        blocks_per_program)
 
 
@@ -341,7 +341,7 @@ def bwd_gate_sums(g, x, ca, sa, p_contig: bool, splits=None, gs_part=None, gc_pa
     else:
         block_c, block_p = b1_blocks(C, P, p_contig, x.dtype)
         npb = cdiv(P, block_p)
-        splits, c_per_split = channel_split(N, C, P, p_contig, x.dtype, sm_count(x.device),
+        splits, c_per_split = channel_split(N, C, P, p_contig, x.dtype, sm_count_of(x),
                                             splits)
     has_sa = sa is not None
     if has_sa and gs_part is None:
@@ -372,9 +372,9 @@ def bwd_spatial_pool(x, ca, dsmean, dsmax, smax, sidx, scnt, p_contig: bool, ama
         block_c, block_p, ncb = plan.b2_block_c, plan.b2_block_p, plan.b2_c_blocks
         splits, p_per_split = plan.b2_splits, plan.b2_p_per_split
     else:
-        block_c, block_p = b2_blocks(N, C, P, p_contig, x.dtype, sm_count(x.device))
+        block_c, block_p = b2_blocks(N, C, P, p_contig, x.dtype, sm_count_of(x))
         ncb = cdiv(C, block_c)
-        splits, p_per_split = position_split(N, C, P, p_contig, x.dtype, sm_count(x.device),
+        splits, p_per_split = position_split(N, C, P, p_contig, x.dtype, sm_count_of(x),
                                              splits)
     if out is None:
         out = torch.empty(N, splits, C, device=x.device, dtype=acc_dtype(x.dtype))
@@ -427,7 +427,7 @@ def bwd_input(g, x, ca, sa, dsmean, dsmax, smax, sidx, scnt, davg, dmx, mx, cidx
     sp = (sa, dsmean, dsmax, smax, sidx, scnt) if has_sa else (ca, ca, ca, ca, cidx, ccnt)
     if rows is None:
         rows = ((plan.b3_block_k, plan.b3_steps) if plan is not None else
-                b3_rows(N, C, P, p_contig, x.dtype, sm_count(x.device)))
+                b3_rows(N, C, P, p_contig, x.dtype, sm_count_of(x)))
     block_k, steps = rows
     if block_k:
         k_blocks = cdiv(P if p_contig else C, block_k)

@@ -144,6 +144,12 @@ def sm_count(device: torch.device) -> int:
     return INTERPRETER_SM_COUNT
 
 
+def sm_count_of(t: torch.Tensor) -> int:
+    """sm_count(t.device), without the device object (`device.type` builds a string: about
+    a microsecond, twice a training step)."""
+    return _cuda_sm_count(t.get_device()) if t.is_cuda else INTERPRETER_SM_COUNT
+
+
 def cdiv(a: int, b: int) -> int:
     """Ceiling division (triton's cdiv is a constexpr_function: a few microseconds a call)."""
     return -(-a // b)
@@ -450,8 +456,17 @@ class BlockPlan:
     def sizes(self):
         """Total elements of each workspace, by layout method name."""
         return {name: layout_size(getattr(self, name)()) for name in
-                ("saved_acc_layout", "saved_i32_layout", "fwd_scratch_acc_layout",
-                 "fwd_scratch_i32_layout")}
+                ("saved_acc_layout", "saved_i32_layout", "fwd_scratch_layout")}
+
+    @functools.lru_cache(maxsize=None)
+    def fwd_scratch_layout(self):
+        """The forward's scratch workspace, one allocation in the accumulation dtype: the
+        regions of fwd_scratch_acc_layout, then one region ("i32") that holds
+        fwd_scratch_i32_layout's (read as int32: function.fused_forward). Every region of
+        either layout is a multiple of 16 bytes long, so "i32" starts 16-byte aligned."""
+        per_acc = self.acc.itemsize // 4  # int32 elements per accumulation element
+        i32 = layout_size(self.fwd_scratch_i32_layout())
+        return self.fwd_scratch_acc_layout() + (("i32", -(-i32 // per_acc)),)
 
     @functools.lru_cache(maxsize=None)
     def fwd_scratch_acc_layout(self):

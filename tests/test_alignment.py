@@ -39,7 +39,8 @@ def test_every_region_starts_16_byte_aligned(variant, N, C, H, W, dtype):
     x = torch.randn(N, C, H, W, dtype=dtype)
     plan = F.plan_for(x, spec, w, True)
     acc = plan.acc.itemsize
-    layouts = [(plan.fwd_scratch_acc_layout(), acc), (plan.fwd_scratch_i32_layout(), 4),
+    # the forward's scratch is one allocation: the acc regions, then the int32 ones ("i32")
+    layouts = [(plan.fwd_scratch_layout(), acc), (plan.fwd_scratch_i32_layout(), 4),
                (plan.bwd_scratch_layout(spec.kernel_size, spec.spatial_maps), acc)]
     odd = 0
     for layout, itemsize in layouts:

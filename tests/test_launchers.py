@@ -239,3 +239,12 @@ def test_gate_apply(sa_mode, layout, blocks, hw, device):
         assert_close(rv, (1 - momentum) + momentum * ud.var(unbiased=True).reshape(1),
                      torch.float32, N * P, "running var")
         assert int(nbt) == 1
+
+
+def test_sm_count_of_tensor_matches_its_device(device):
+    """plan_for and the launchers read the SM count from the tensor (sm_count_of, no
+    device object); it must be the count of the tensor's device."""
+    from cbam_fused.plan import sm_count, sm_count_of
+    x = torch.empty(1, device=device)
+    assert sm_count_of(x) == sm_count(x.device)
+    assert sm_count_of(torch.empty(1, device="meta")) == sm_count(torch.device("meta"))
