@@ -73,7 +73,7 @@ def plain_ops_reason():
         if torch.compiler.is_exporting() and torch.onnx.is_in_onnx_export():
             return "torch.onnx.export"
         return None
-    if torch._C._is_tracing():  # torch.jit.is_tracing(), minus its is_scripting() check
+    if torch.jit.is_tracing():
         return "torch.jit.trace"
     if _functorch_active():
         return "torch.func transform"
@@ -320,8 +320,9 @@ class CBAMFunction(torch.autograd.Function):
             # create_graph=True: the caller differentiates this backward (second_order.py)
             fields = [n for n, need in zip(L.GRAD_FIELDS, needs) if need]
             dx, grads = differentiable_backward(
-                g, x, saved_acc, ctx.plan or plan_for(x, ctx.spec, w, ctx.p_contig), ctx.spec, w,
-                ctx.bn_batch_stats, ctx.group, ctx.needs_input_grad[0], fields)
+                g, x, saved_acc,
+                ctx.plan if ctx.plan is not None else plan_for(x, ctx.spec, w, ctx.p_contig),
+                ctx.spec, w, ctx.bn_batch_stats, ctx.group, ctx.needs_input_grad[0], fields)
         else:
             # (a Python flag, not a look at x's strides: torch.compile traces this backward
             # with tensors whose strides it treats as unknown)

@@ -114,7 +114,7 @@ class FusedCBAMBase(nn.Module):
     def forward(self, x):
         if isinstance(x, Proxy):  # torch.fx symbolic tracing (fx.py)
             return fx_call(self, x)
-        if torch._C._is_tracing():  # torch.jit.is_tracing() (eager: no is_scripting() check)
+        if torch.jit.is_tracing():
             # the input checks compare x's sizes with the weights' (C, and N > 0): facts a
             # trace may keep as constants, not the data flow TracerWarning is about
             with warnings.catch_warnings():
